@@ -243,6 +243,8 @@ def _load_legacy(path: str) -> Any:
     header = _RestrictedUnpickler(f, path, {})
     try:
       magic = header.load()
+    except UnsafeCheckpointError:
+      raise
     except Exception as e:  # a non-pickle file raises anything here
       raise pickle.UnpicklingError(f"{path}: not a PyTorch checkpoint ({e})") from e
     if magic != _LEGACY_MAGIC:
