@@ -76,9 +76,15 @@ def open_slide(path: str | os.PathLike) -> openslide.OpenSlide:
     try:
         return openslide.OpenSlide(str(path))
     except openslide.OpenSlideUnsupportedFormatError as e:
-        raise SlideError(f"{path}: not a slide format OpenSlide reads ({e})") from e
+        raise SlideError(
+            f"{path}: not a slide format OpenSlide reads, or a truncated/corrupt file ({e})"
+        ) from e
     except (openslide.OpenSlideError, OSError, ValueError) as e:
         raise SlideError(f"{path}: unreadable or corrupt slide ({e})") from e
+
+
+def _name(slide: openslide.OpenSlide) -> str:
+    return str(getattr(slide, "_filename", "slide"))
 
 
 def slide_mpp(slide: openslide.OpenSlide) -> float | None:
@@ -128,7 +134,7 @@ def choose_level(
     Raises:
       SlideError: no mpp and fallback_level < 0, or the slide is smaller than one tile.
     """
-    name = getattr(slide, "_filename", "slide")
+    name = _name(slide)
     mpp0 = slide_mpp(slide)
     downsamples = slide.level_downsamples
     warning = None
@@ -201,10 +207,13 @@ def mask_image(slide: openslide.OpenSlide) -> tuple[np.ndarray, float]:
     """
     w, h = slide.level_dimensions[-1]
     w0 = slide.dimensions[0]
-    if max(w, h) > MAX_MASK_SIDE:
-        img = slide.get_thumbnail((MAX_MASK_SIDE, MAX_MASK_SIDE))
-    else:
-        img = slide.read_region((0, 0), slide.level_count - 1, (w, h))
+    try:
+        if max(w, h) > MAX_MASK_SIDE:
+            img = slide.get_thumbnail((MAX_MASK_SIDE, MAX_MASK_SIDE))
+        else:
+            img = slide.read_region((0, 0), slide.level_count - 1, (w, h))
+    except openslide.OpenSlideError as e:
+        raise SlideError(f"{_name(slide)}: corrupt slide, reading its lowest level failed ({e})") from e
     rgb = _to_rgb(np.asarray(img))
     return rgb, w0 / rgb.shape[1]
 
@@ -283,7 +292,13 @@ class TileReader:
     def read_one(self, xy: tuple[int, int]) -> np.ndarray:
         """One tile at level-0 (x, y): uint8 [tile_size, tile_size, 3]."""
         p = self.plan
-        img = self.slide.read_region((int(xy[0]), int(xy[1])), p.level, (p.read_size, p.read_size))
+        try:
+            img = self.slide.read_region((int(xy[0]), int(xy[1])), p.level, (p.read_size, p.read_size))
+        except openslide.OpenSlideError as e:
+            raise SlideError(
+                f"{_name(self.slide)}: corrupt slide, reading the tile at level-0 "
+                f"{tuple(int(v) for v in xy)} failed ({e})"
+            ) from e
         if p.read_size != p.tile_size:
             img = img.resize((p.tile_size, p.tile_size), Image.Resampling.BILINEAR)
         return _to_rgb(np.asarray(img))

@@ -27,7 +27,6 @@ import tifffile
 # Blobs as (centre x, centre y, radius x, radius y) in fractions of the slide size.
 DEFAULT_BLOBS = ((0.35, 0.4, 0.22, 0.18), (0.68, 0.62, 0.2, 0.25))
 
-_BACKGROUND = np.array([243, 241, 245], np.float32)
 _STROMA = np.array([226, 150, 190], np.float32)
 _NUCLEUS = np.array([95, 60, 150], np.float32)
 
@@ -41,6 +40,7 @@ def render_region(
     slide_size: tuple[int, int],
     blobs: Sequence[tuple[float, float, float, float]] = DEFAULT_BLOBS,
     seed: int = 0,
+    background: tuple[int, int, int] = (243, 241, 245),
 ) -> np.ndarray:
     """Renders the synthetic slide on a pixel grid.
 
@@ -51,6 +51,7 @@ def render_region(
       slide_size: (width, height) of level 0.
       blobs: tissue ellipses, (cx, cy, rx, ry) as fractions of the slide size.
       seed: varies the texture phase.
+      background: RGB of the glass (flat; (255, 255, 255) leaves nothing for Otsu).
 
     Returns:
       uint8 [height, width, 3] RGB.
@@ -67,21 +68,19 @@ def render_region(
     phase = 0.37 * (seed + 1)
     dots = np.sin(xs[None, :] * 0.21 + phase) * np.sin(ys[:, None] * 0.17 + 2 * phase)
     nucleus = tissue & (dots > 0.75)
-    img = np.where(tissue[..., None], _STROMA, _BACKGROUND)
-    img = np.where(nucleus[..., None], _NUCLEUS, img)
+    img = np.where(nucleus[..., None], _NUCLEUS, _STROMA)
     # Mild texture so tiles are not flat colours (and the encoder sees variation).
     texture = 8.0 * np.sin(xs[None, :] * 0.05 + ys[:, None] * 0.031 + phase)
     img = img + texture[..., None]
+    img = np.where(tissue[..., None], img, np.asarray(background, np.float32))
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def _tiles(
-    level_w: int, level_h: int, tile: int, downsample: float, slide_size, blobs, seed
-) -> Iterator[np.ndarray]:
+def _tiles(level_w: int, level_h: int, tile: int, downsample: float, **render) -> Iterator[np.ndarray]:
     for ty in range(0, level_h, tile):
         for tx in range(0, level_w, tile):
             # Edge tiles are rendered full size: TIFF tiles are always full size.
-            yield render_region(tx, ty, tile, tile, downsample, slide_size, blobs, seed)
+            yield render_region(tx, ty, tile, tile, downsample, **render)
 
 
 def write_slide(
@@ -97,6 +96,7 @@ def write_slide(
     tile: int = 256,
     blobs: Sequence[tuple[float, float, float, float]] = DEFAULT_BLOBS,
     seed: int = 0,
+    background: tuple[int, int, int] = (243, 241, 245),
     compression: str = "jpeg",
 ) -> pathlib.Path:
     """Writes a synthetic pyramidal TIFF and returns its path.
@@ -114,6 +114,7 @@ def write_slide(
       blobs: tissue ellipses (cx, cy, rx, ry) in fractions of the slide size;
         empty for a slide with no tissue.
       seed: varies the texture.
+      background: RGB of the glass; (255, 255, 255) with no blobs is a blank slide.
       compression: tifffile compression ("jpeg", "zlib", None).
 
     Returns:
@@ -145,7 +146,10 @@ def write_slide(
                     kwargs["resolution"] = (1e4 / mpp, 1e4 / mpp)
                     kwargs["resolutionunit"] = "CENTIMETER"
             tw.write(
-                _tiles(lw, lh, tile, ds, slide_size, blobs, seed),
+                _tiles(
+                    lw, lh, tile, ds,
+                    slide_size=slide_size, blobs=blobs, seed=seed, background=background,
+                ),  # fmt: skip
                 shape=(lh, lw, 3),
                 dtype=np.uint8,
                 tile=(tile, tile),
