@@ -1,0 +1,68 @@
+"""NT-Xent (SimCLR) loss, pure, with an optional device axis for global negatives."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _normalize(z, eps=1e-12):
+  z = z.astype(jnp.float32)
+  return z * jax.lax.rsqrt(jnp.maximum(jnp.sum(z * z, axis=-1, keepdims=True), eps * eps))
+
+
+def nt_xent(z1, z2, temperature: float = 0.05, axis_name: str | None = None):
+  """Symmetric NT-Xent over the 2N views of N slides.
+
+  Each anchor's positive is the other view of the same slide; its negatives are
+  the other 2N - 2 views (itself excluded). Computed as normalise-then-matmul
+  (the reference's broadcast cosine similarity gives the same numbers, far slower).
+
+  With `axis_name` (inside shard_map), z1/z2 are this device's share [n, D]; the
+  keys are gathered from every device (global negatives, `all_gather(tiled)`),
+  and the value returned is the mean over the LOCAL anchors; average it over the
+  devices (pmean) for the global loss. Without it, the negatives are local and
+  the value is the mean over the 2n anchors.
+
+  Args:
+    z1, z2: [n, D] projections of the two views (row i of each = slide i).
+    temperature: tau.
+    axis_name: None or the mesh axis of the data-parallel devices.
+
+  Returns:
+    scalar float32.
+  """
+  if z1.shape != z2.shape or z1.ndim != 2:
+    raise ValueError(f"z1 and z2 must both be [n, D], got {z1.shape} and {z2.shape}")
+  a1, a2 = _normalize(z1), _normalize(z2)
+  n = a1.shape[0]
+  if axis_name is None:
+    k1, k2, offset, total = a1, a2, 0, n
+  else:
+    k1 = jax.lax.all_gather(a1, axis_name, tiled=True)
+    k2 = jax.lax.all_gather(a2, axis_name, tiled=True)
+    offset = jax.lax.axis_index(axis_name) * n
+    total = k1.shape[0]
+  anchors = jnp.concatenate([a1, a2])  # [2n, D]
+  keys = jnp.concatenate([k1, k2])  # [2N, D]
+  logits = (anchors @ keys.T) / temperature  # [2n, 2N]
+  i = jnp.arange(n)
+  self_idx = jnp.concatenate([offset + i, total + offset + i])
+  pos_idx = jnp.concatenate([total + offset + i, offset + i])
+  cols = jnp.arange(2 * total)[None, :]
+  logits = jnp.where(cols == self_idx[:, None], -jnp.inf, logits)
+  pos = jnp.take_along_axis(logits, pos_idx[:, None], axis=1)[:, 0]
+  return jnp.mean(jax.nn.logsumexp(logits, axis=1) - pos)
+
+
+def collapse_level(z):
+  """std over the batch of the L2-normalised projections, times sqrt(dim).
+
+  About 1 for well-spread projections, 0 at complete collapse. The reference
+  uses sqrt(512) for a 256-d vector; this uses the vector's real dimension.
+
+  Args:
+    z: [n, D].
+  """
+  a = _normalize(z)
+  return jnp.mean(jnp.std(a, axis=0)) * jnp.sqrt(float(a.shape[-1]))
