@@ -1,0 +1,409 @@
+"""Linear evaluation of slide representations: `python -m gigassl_jax.evaluate`.
+
+    python -m gigassl_jax.evaluate --reps=giga.npz,mean.npz --labels=labels.csv \
+        [--splits=DIR] [--out=DIR] [--workdir=RUN]
+
+The protocol of method.md section 7 (the reference's linear_evaluation.py):
+logistic regression (L2, C = 10, class_weight balanced, no feature scaling,
+max_iter 1000), ROC-AUC (macro one-vs-rest for > 2 classes), mean +- std over
+splits. Splits are either the reference's fixed files (a folder of
+`split_K.csv` with columns `train,test`, or a task folder whose subfolders
+`full`, `25p`, `100`, `50` each hold such files) or stratified k-fold CV, with
+optional data-fraction subsets of each training fold (`--subsets=full,25p,50`).
+
+Several representation files (e.g. Giga-SSL and its baselines) are evaluated
+on exactly the same splits. Outputs in --out: results.md, results.csv (one row
+per method and subset), per_split.csv (every AUC), pca.png and, with
+--workdir, loss.png.
+
+Bad inputs (unknown slide ids, a class missing from a training set, a test set
+with one class, NaN vectors) raise EvalError with the file and row; the CLI
+prints it without a stack trace and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+
+import numpy as np
+
+from gigassl_jax import splits as splits_lib
+from gigassl_jax.splits import EvalError  # noqa: F401  (re-exported)
+
+# The reference's probe settings (linear_evaluation.py).
+C = 10.0
+MAX_ITER = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class Reps:
+  """Slide representations of one method.
+
+  Attributes:
+    method: display name (the file's `method` field, else its stem).
+    path: the file read.
+    ids: list[str] [N] slide ids.
+    vectors: float32 [N, D].
+  """
+
+  method: str
+  path: str
+  ids: list
+  vectors: np.ndarray
+
+  def index(self) -> dict:
+    return {s: i for i, s in enumerate(self.ids)}
+
+
+# --------------------------------------------------------------------------
+# Representation files.
+
+
+def save_reps(path, ids, vectors, method: str, meta: dict | None = None) -> pathlib.Path:
+  """Writes representations atomically: `path` (.npz) and `<stem>_ids.csv`.
+
+  Args:
+    path: output .npz file.
+    ids: [N] slide ids.
+    vectors: float [N, D].
+    method: display name stored in the file (used as the table's row name).
+    meta: JSON-serialisable provenance.
+  """
+  path = pathlib.Path(path)
+  if path.suffix != ".npz":
+    path = path.with_name(path.name + ".npz")
+  vectors = np.asarray(vectors, np.float32)
+  ids = [str(s) for s in ids]
+  if vectors.ndim != 2 or vectors.shape[0] != len(ids):
+    raise ValueError(f"{path}: vectors {vectors.shape} do not match {len(ids)} ids")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  with open(tmp, "wb") as f:
+    np.savez(f, ids=np.array(ids), reps=vectors, method=np.array(method),
+             meta=np.array(json.dumps(meta or {}, sort_keys=True)))
+  os.replace(tmp, path)
+  ids_csv = path.with_name(path.stem + "_ids.csv")
+  tmp = ids_csv.with_name(f".{ids_csv.name}.tmp-{os.getpid()}")
+  with open(tmp, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["row", "ID"])
+    w.writerows(enumerate(ids))
+  os.replace(tmp, ids_csv)
+  return path
+
+
+def load_reps(path) -> Reps:
+  """Reads a representation file written by `save_reps` (or gigassl_jax.encode).
+
+  Raises:
+    EvalError: missing file or keys, shape mismatch, duplicate ids, NaN/inf rows.
+  """
+  path = str(path)
+  if not os.path.isfile(path):
+    raise EvalError(f"{path}: representation file not found")
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      missing = {"ids", "reps"} - set(z.files)
+      if missing:
+        raise EvalError(f"{path}: not a representation file (keys {sorted(z.files)}, "
+                        f"missing {sorted(missing)})")
+      ids = [str(s) for s in z["ids"]]
+      vectors = np.asarray(z["reps"], np.float32)
+      method = str(z["method"]) if "method" in z.files else pathlib.Path(path).stem
+  except (OSError, ValueError) as e:
+    if isinstance(e, EvalError):
+      raise
+    raise EvalError(f"{path}: cannot read representations: {e}") from e
+  if vectors.ndim != 2 or vectors.shape[0] != len(ids):
+    raise EvalError(f"{path}: 'reps' has shape {vectors.shape}, expected [{len(ids)}, D]")
+  bad = ~np.isfinite(vectors).all(axis=1)
+  if bad.any():
+    r = int(np.argmax(bad))
+    raise EvalError(f"{path}: row {r} (slide {ids[r]!r}) has NaN or inf values "
+                    f"({int(bad.sum())} such rows)")
+  seen = {}
+  for r, s in enumerate(ids):
+    if s in seen:
+      raise EvalError(f"{path}: slide {s!r} appears twice (rows {seen[s]} and {r})")
+    seen[s] = r
+  return Reps(method=method, path=path, ids=ids, vectors=vectors)
+
+
+def probe(x_train, y_train, x_test, y_test, n_classes: int, max_iter: int = MAX_ITER) -> float:
+  """Fits the reference's logistic regression and returns the test ROC-AUC.
+
+  Args:
+    x_train: float [Ntr, D]; y_train: int [Ntr] in [0, n_classes).
+    x_test: float [Nte, D]; y_test: int [Nte].
+    n_classes: number of classes (macro one-vs-rest AUC when > 2).
+  """
+  import warnings  # pylint: disable=import-outside-toplevel
+
+  from sklearn.exceptions import ConvergenceWarning  # pylint: disable=import-outside-toplevel
+  from sklearn.linear_model import LogisticRegression  # pylint: disable=import-outside-toplevel
+  from sklearn.metrics import roc_auc_score  # pylint: disable=import-outside-toplevel
+
+  # L2 is sklearn's default penalty; features are used as they are (no scaling).
+  clf = LogisticRegression(C=C, max_iter=max_iter, class_weight="balanced")
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", ConvergenceWarning)
+    clf.fit(x_train, y_train)
+  p = clf.predict_proba(x_test)
+  if n_classes == 2:
+    return float(roc_auc_score(y_test, p[:, 1]))
+  return float(roc_auc_score(y_test, p, multi_class="ovr", average="macro",
+                             labels=np.arange(n_classes)))
+
+
+def evaluate(reps_list: list, labels: dict, splits: list, progress: bool = True) -> list:
+  """Runs the probe for every method on every split.
+
+  Args:
+    reps_list: list of Reps (already checked against labels and splits).
+    labels: id -> label.
+    splits: list of Split.
+
+  Returns:
+    per-split records: dict(method, subset, split, n_train, n_test, auc).
+  """
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+
+  classes = sorted(set(labels.values()))
+  cls = {c: i for i, c in enumerate(classes)}
+  records = []
+  bar = tqdm(total=len(reps_list) * len(splits), desc="evaluate", unit="fit",
+             disable=not progress, dynamic_ncols=True)
+  for r in reps_list:
+    idx = r.index()
+    for sp in splits:
+      tr = [idx[s] for s in sp.train]
+      te = [idx[s] for s in sp.test]
+      auc = probe(r.vectors[tr], np.array([cls[labels[s]] for s in sp.train]),
+                  r.vectors[te], np.array([cls[labels[s]] for s in sp.test]), len(classes))
+      records.append(dict(method=r.method, subset=sp.subset, split=sp.name,
+                          n_train=len(tr), n_test=len(te), auc=auc))
+      bar.set_postfix_str(f"{r.method} {sp.name}")
+      bar.update()
+  bar.close()
+  return records
+
+
+def summarize(records: list) -> list:
+  """Mean +- std (population std, as the reference's np.std) per (method, subset)."""
+  groups: dict = {}
+  for rec in records:
+    groups.setdefault((rec["method"], rec["subset"]), []).append(rec)
+  rows = []
+  for (method, subset), recs in groups.items():
+    a = np.array([x["auc"] for x in recs])
+    rows.append(dict(method=method, subset=subset, n_splits=len(recs),
+                     n_train=int(np.median([x["n_train"] for x in recs])),
+                     n_test=int(np.median([x["n_test"] for x in recs])),
+                     auc_mean=float(a.mean()), auc_std=float(a.std())))
+  return rows
+
+
+def markdown_table(rows: list) -> str:
+  """Methods as rows, subsets as columns, cells 'mean +- std'."""
+  subsets = list(dict.fromkeys(r["subset"] for r in rows))
+  methods = list(dict.fromkeys(r["method"] for r in rows))
+  cell = {(r["method"], r["subset"]): r for r in rows}
+  head = ["method"] + [
+      f"{s} (train {cell[next((m, s) for m in methods if (m, s) in cell)]['n_train']})"
+      for s in subsets]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for m in methods:
+    vals = []
+    for s in subsets:
+      r = cell.get((m, s))
+      vals.append("" if r is None else f"{r['auc_mean']:.3f} +- {r['auc_std']:.3f}")
+    lines.append("| " + " | ".join([m] + vals) + " |")
+  n = rows[0]["n_splits"] if rows else 0
+  lines.append(f"\nROC-AUC (macro one-vs-rest for > 2 classes), mean +- std over {n} splits; "
+               "logistic regression L2, C=10, class_weight balanced, no scaling.")
+  return "\n".join(lines)
+
+
+def _write_csv(path: pathlib.Path, rows: list):
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  with open(tmp, "w", newline="") as f:
+    w = csv.DictWriter(f, list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+  os.replace(tmp, path)
+
+
+def _write_text(path: pathlib.Path, text: str):
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------
+# Pictures.
+
+
+def plot_pca(reps_list: list, labels: dict, path) -> pathlib.Path:
+  """One panel per method: the first two principal components coloured by label."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  classes = sorted(set(labels.values()))
+  fig, axes = plt.subplots(1, len(reps_list), figsize=(4.2 * len(reps_list), 4), squeeze=False)
+  for ax, r in zip(axes[0], reps_list):
+    keep = [i for i, s in enumerate(r.ids) if s in labels]
+    x = r.vectors[keep].astype(np.float64)
+    x = x - x.mean(0)
+    # PCA by SVD of the centred data: no extra dependency, deterministic up to sign.
+    _, sv, vt = np.linalg.svd(x, full_matrices=False)
+    z = x @ vt[:2].T
+    var = sv**2 / max((sv**2).sum(), 1e-12)
+    for k, c in enumerate(classes):
+      m = np.array([labels[r.ids[i]] == c for i in keep])
+      ax.scatter(z[m, 0], z[m, 1] if z.shape[1] > 1 else np.zeros(m.sum()), s=18,
+                 label=c, color=f"C{k}", alpha=0.8)
+    ax.set_title(r.method)
+    ax.set_xlabel(f"PC1 ({var[0]:.0%})")
+    ax.set_ylabel(f"PC2 ({var[1]:.0%})" if len(var) > 1 else "PC2")
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  return _save_fig(fig, path)
+
+
+def read_metrics(path) -> list:
+  """Records of a metrics.jsonl (one JSON object a line); bad lines raise EvalError."""
+  out = []
+  with open(path) as f:
+    for n, line in enumerate(f, 1):
+      if line.strip():
+        try:
+          out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+          raise EvalError(f"{path} line {n}: not JSON ({e})") from e
+  return out
+
+
+def plot_loss(metrics_path, path) -> pathlib.Path:
+  """Training loss (and learning rate) against the step, from metrics.jsonl."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  recs = [r for r in read_metrics(metrics_path) if "loss" in r and "step" in r]
+  if not recs:
+    raise EvalError(f"{metrics_path}: no record with 'step' and 'loss'")
+  fig, ax = plt.subplots(figsize=(6, 4))
+  ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], color="C0", label="NT-Xent loss")
+  ax.set_xlabel("step")
+  ax.set_ylabel("loss")
+  if all("lr" in r for r in recs):
+    ax2 = ax.twinx()
+    ax2.plot([r["step"] for r in recs], [r["lr"] for r in recs], color="C1", alpha=0.5,
+             label="learning rate")
+    ax2.set_ylabel("learning rate")
+  ax.set_title("training loss")
+  fig.tight_layout()
+  return _save_fig(fig, path)
+
+
+def _save_fig(fig, path) -> pathlib.Path:
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
+  fig.savefig(tmp, dpi=110)
+  plt.close(fig)
+  os.replace(tmp, path)
+  return path
+
+
+# --------------------------------------------------------------------------
+# Programmatic entry point and CLI.
+
+
+def run(reps_paths: list, labels_path, splits_dir=None, out_dir=None, *, folds: int = 5,
+        subsets=("full",), seed: int = 0, workdir=None, drop_missing: bool = False,
+        progress: bool = True) -> dict:
+  """Everything the CLI does; returns {"rows", "records", "markdown", "files"}."""
+  reps_list = [load_reps(p) for p in reps_paths]
+  names = [r.method for r in reps_list]
+  if len(set(names)) != len(names):
+    reps_list = [dataclasses.replace(r, method=f"{r.method} ({pathlib.Path(r.path).stem})")
+                 for r in reps_list]
+  labels = splits_lib.load_labels(labels_path)
+  splits = splits_lib.load_splits(splits_dir) if splits_dir else None
+  labels, splits = splits_lib.check_inputs(reps_list, labels, str(labels_path), splits, drop_missing)
+  if splits is None:
+    splits = splits_lib.kfold_splits(list(labels), labels, folds, subsets, seed)
+    labels, splits = splits_lib.check_inputs(reps_list, labels, str(labels_path), splits, drop_missing)
+  records = evaluate(reps_list, labels, splits, progress)
+  rows = summarize(records)
+  md = markdown_table(rows)
+  files = []
+  if out_dir:
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_text(out / "results.md", md + "\n")
+    _write_csv(out / "results.csv", rows)
+    _write_csv(out / "per_split.csv", records)
+    files += [out / "results.md", out / "results.csv", out / "per_split.csv"]
+    files.append(plot_pca(reps_list, labels, out / "pca.png"))
+    if workdir:
+      m = pathlib.Path(workdir) / "metrics.jsonl"
+      if not m.is_file():
+        raise EvalError(f"{m}: no metrics file (is --workdir a training run?)")
+      files.append(plot_loss(m, out / "loss.png"))
+  return {"rows": rows, "records": records, "markdown": md, "files": files}
+
+
+def _define_flags():
+  from absl import flags  # pylint: disable=import-outside-toplevel
+
+  f = flags
+  f.DEFINE_list("reps", None, "Representation files (.npz from gigassl_jax.encode), comma "
+                "separated; all evaluated on the same splits.")
+  f.DEFINE_string("labels", None, "CSV with columns ID,label (extra columns ignored).")
+  f.DEFINE_string("splits", None, "Folder of split_K.csv (train,test columns), or a task "
+                  "folder with one subfolder per subset. Default: stratified k-fold CV.")
+  f.DEFINE_integer("folds", 5, "k of the stratified k-fold CV (without --splits).")
+  f.DEFINE_list("subsets", ["full"], "Training-set sizes for CV: full, 25p (or 25%), 100, 50.")
+  f.DEFINE_integer("seed", 0, "Seed of the CV folds and subsets.")
+  f.DEFINE_string("out", None, "Output folder: results.md/csv, per_split.csv, pca.png.")
+  f.DEFINE_string("workdir", None, "Training run folder; its metrics.jsonl gives loss.png.")
+  f.DEFINE_bool("drop_missing", False, "Drop labelled slides without a representation "
+                "(the reference's behaviour) instead of failing.")
+  f.mark_flags_as_required(["reps", "labels"])
+  return f.FLAGS
+
+
+def main(argv):
+  del argv
+  fl = _FLAGS
+  try:
+    res = run(fl.reps, fl.labels, fl.splits, fl.out, folds=fl.folds, subsets=fl.subsets,
+              seed=fl.seed, workdir=fl.workdir, drop_missing=fl.drop_missing)
+  except EvalError as e:
+    print(f"evaluate: error: {e}", file=sys.stderr)
+    return 2
+  print(res["markdown"])
+  for p in res["files"]:
+    print(f"wrote {p}", file=sys.stderr)
+  return 0
+
+
+_FLAGS = None
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=import-outside-toplevel
+
+  _FLAGS = _define_flags()
+  app.run(main)

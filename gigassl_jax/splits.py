@@ -1,0 +1,328 @@
+"""Labels, train/test splits and their consistency checks for linear evaluation.
+
+Labels: a CSV with columns `ID,label` (the reference's tables also have
+`case_id`, ignored). Splits: the reference's `split_K.csv` files (columns
+`train,test` of slide ids, the shorter column padded with empty cells), either
+one folder of them or a task folder with one subfolder per data fraction
+(`full`, `25p`, `100`, `50`); or stratified k-fold CV with stratified
+data-fraction subsets of each training fold.
+
+Every problem raises EvalError with the file and line it comes from.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import pathlib
+import re
+import sys
+import zlib
+
+import numpy as np
+
+
+class EvalError(ValueError):
+  """Bad evaluation input; the message names the file and row."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """One train/test split.
+
+  Attributes:
+    subset: data-fraction name ("full", "25p", "50", ...).
+    name: e.g. "full/split_3" or "fold_2".
+    source: the split file, or a description of the CV draw (for messages).
+    train: slide ids.
+    test: slide ids.
+  """
+
+  subset: str
+  name: str
+  source: str
+  train: tuple
+  test: tuple
+
+
+# --------------------------------------------------------------------------
+# Reading labels and split files.
+
+
+def load_labels(path) -> dict:
+  """Reads a labels CSV with columns `ID,label` (extra columns such as case_id ignored).
+
+  Returns:
+    {slide id: label string}, in file order.
+
+  Raises:
+    EvalError: missing file or columns, empty cells, duplicate ids, < 2 classes.
+  """
+  path = str(path)
+  if not os.path.isfile(path):
+    raise EvalError(f"{path}: labels file not found")
+  with open(path, newline="", encoding="utf-8-sig") as f:
+    reader = csv.DictReader(f)
+    cols = reader.fieldnames or []
+    if "ID" not in cols or "label" not in cols:
+      raise EvalError(f"{path}: needs columns 'ID' and 'label' (found {cols})")
+    labels, line_of = {}, {}
+    for row in reader:
+      line = reader.line_num
+      sid, lab = (row.get("ID") or "").strip(), (row.get("label") or "").strip()
+      if not sid and not lab:
+        continue
+      if not sid or not lab:
+        raise EvalError(f"{path} line {line}: empty {'ID' if not sid else 'label'}")
+      if sid in labels:
+        raise EvalError(f"{path} line {line}: slide {sid!r} already labelled on line "
+                        f"{line_of[sid]}")
+      labels[sid], line_of[sid] = lab, line
+  classes = sorted(set(labels.values()))
+  if len(classes) < 2:
+    raise EvalError(f"{path}: needs at least 2 classes, found {classes}")
+  return labels
+
+
+def read_split_file(path, subset: str) -> Split:
+  """Reads one `split_K.csv` (columns train,test; shorter column padded with empty cells)."""
+  path = str(path)
+  train, test, where = [], [], {}
+  with open(path, newline="", encoding="utf-8-sig") as f:
+    reader = csv.DictReader(f)
+    cols = reader.fieldnames or []
+    if "train" not in cols or "test" not in cols:
+      raise EvalError(f"{path}: needs columns 'train' and 'test' (found {cols})")
+    for row in reader:
+      for col, out in (("train", train), ("test", test)):
+        sid = (row.get(col) or "").strip()
+        if not sid:
+          continue
+        if sid in where:
+          raise EvalError(f"{path} line {reader.line_num}: slide {sid!r} ({col}) already "
+                          f"listed on line {where[sid][0]} ({where[sid][1]})")
+        where[sid] = (reader.line_num, col)
+        out.append(sid)
+  if not train or not test:
+    raise EvalError(f"{path}: empty {'train' if not train else 'test'} column")
+  name = f"{subset}/{pathlib.Path(path).stem}" if subset else pathlib.Path(path).stem
+  return Split(subset=subset or "fixed", name=name, source=path, train=tuple(train),
+               test=tuple(test))
+
+
+def _split_files(d: pathlib.Path) -> list:
+  files = [p for p in d.glob("split_*.csv") if re.fullmatch(r"split_\d+\.csv", p.name)]
+  return sorted(files, key=lambda p: int(p.stem.split("_")[1]))
+
+
+def load_splits(splits_dir) -> list:
+  """Fixed splits from a folder of split_K.csv, or from its subfolders (one subset each).
+
+  The reference's task folder (splitdirs/lung) holds subfolders full, 25p, 100,
+  50: each becomes a subset, in that order (others alphabetically after).
+  """
+  d = pathlib.Path(splits_dir)
+  if not d.is_dir():
+    raise EvalError(f"{d}: splits folder not found")
+  files = _split_files(d)
+  if files:
+    return [read_split_file(p, d.name) for p in files]
+  order = {"full": 0, "25p": 1, "250": 2, "100": 3, "50": 4}
+  subs = sorted((p for p in d.iterdir() if p.is_dir() and _split_files(p)),
+                key=lambda p: (order.get(p.name, 9), p.name))
+  if not subs:
+    raise EvalError(f"{d}: no split_K.csv files here or in its subfolders")
+  return [read_split_file(p, s.name) for s in subs for p in _split_files(s)]
+
+
+# --------------------------------------------------------------------------
+# Cross-validation splits and data-fraction subsets.
+
+
+def parse_subset(spec: str):
+  """'full' -> None; '25p' or '25%' -> ('fraction', 0.25); '50' -> ('count', 50)."""
+  s = spec.strip().lower()
+  if s == "full":
+    return None
+  m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(p|%)", s)
+  if m:
+    frac = float(m.group(1)) / 100
+    if not 0 < frac <= 1:
+      raise EvalError(f"subset {spec!r}: a fraction must be in (0, 100] %")
+    return ("fraction", frac)
+  if s.isdigit() and int(s) > 0:
+    return ("count", int(s))
+  raise EvalError(f"subset {spec!r}: use 'full', a percentage like '25p' or '25%', or a "
+                  "number of training slides like '50'")
+
+
+def subsample(train: list, labels: dict, spec: str, rng: np.random.Generator) -> list:
+  """A stratified subset of the training slides (every class kept at least once).
+
+  Args:
+    train: training slide ids.
+    labels: id -> label.
+    spec: subset spec (see parse_subset).
+    rng: numpy Generator.
+
+  Returns:
+    the chosen ids (all of `train` when the size reaches it).
+  """
+  kind = parse_subset(spec)
+  if kind is None:
+    return list(train)
+  n = kind[1] if kind[0] == "count" else int(round(kind[1] * len(train)))
+  if n >= len(train):
+    return list(train)
+  y = np.array([labels[s] for s in train])
+  classes, counts = np.unique(y, return_counts=True)
+  if n < len(classes):
+    raise EvalError(f"subset {spec!r}: {n} training slides cannot hold all "
+                    f"{len(classes)} classes")
+  # Largest-remainder quotas proportional to the class counts, at least 1 each.
+  raw = counts * n / len(train)
+  quota = np.maximum(1, np.floor(raw)).astype(int)
+  for c in np.argsort(-(raw - np.floor(raw))):
+    if quota.sum() >= n:
+      break
+    if quota[c] < counts[c]:
+      quota[c] += 1
+  while quota.sum() > n:
+    quota[np.argmax(quota)] -= 1
+  chosen = []
+  for c, q in zip(classes, quota):
+    members = np.flatnonzero(y == c)
+    chosen += list(rng.choice(members, size=q, replace=False))
+  return [train[i] for i in sorted(chosen)]
+
+
+def kfold_splits(ids: list, labels: dict, folds: int = 5, subsets=("full",),
+                 seed: int = 0) -> list:
+  """Stratified k-fold splits of the labelled slides, each fold's training set subsampled.
+
+  Args:
+    ids: slide ids to split (all labelled).
+    labels: id -> label.
+    folds: k.
+    subsets: data-fraction specs applied to each fold's training set.
+    seed: seeds both the folds and the subsets.
+
+  Returns:
+    list of Split, subset-major.
+  """
+  from sklearn.model_selection import StratifiedKFold  # pylint: disable=import-outside-toplevel
+
+  y = np.array([labels[s] for s in ids])
+  classes, counts = np.unique(y, return_counts=True)
+  if counts.min() < folds:
+    c = classes[np.argmin(counts)]
+    raise EvalError(f"class {c!r} has {counts.min()} slides, fewer than --folds={folds}: "
+                    "use fewer folds or more slides")
+  skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+  base = [(tr, te) for tr, te in skf.split(np.zeros(len(ids)), y)]
+  out = []
+  for spec in subsets:
+    parse_subset(spec)  # fail early on a bad spec
+    rng = np.random.default_rng([seed, zlib.crc32(spec.encode())])
+    for k, (tr, te) in enumerate(base):
+      train = subsample([ids[i] for i in tr], labels, spec, rng)
+      out.append(Split(subset=spec, name=f"{spec}/fold_{k}",
+                       source=f"stratified {folds}-fold CV (seed {seed}), fold {k}",
+                       train=tuple(train), test=tuple(ids[i] for i in te)))
+  return out
+
+
+def check_inputs(reps_list: list, labels: dict, labels_path: str, splits: list | None,
+                 drop_missing: bool = False) -> tuple[dict, list]:
+  """Validates ids across labels, splits and every representation file.
+
+  Returns:
+    (labels restricted to slides every method has, splits restricted likewise).
+
+  Raises:
+    EvalError: naming the file and row of the first problem.
+  """
+  have = set.intersection(*(set(r.ids) for r in reps_list))
+  missing = [s for s in labels if s not in have]
+  if missing and not drop_missing:
+    rows = _label_lines(labels_path)
+    s = missing[0]
+    who = next(r for r in reps_list if s not in set(r.ids))
+    raise EvalError(
+        f"{labels_path} line {rows.get(s, '?')}: slide {s!r} has no representation in "
+        f"{who.path} ({len(missing)} labelled slides missing in all); pass --drop_missing "
+        "to evaluate on the slides that have one (the reference does so)")
+  if missing:
+    print(f"evaluate: dropping {len(missing)} labelled slides with no representation",
+          file=sys.stderr)
+    labels = {s: v for s, v in labels.items() if s in have}
+  if splits is None:
+    return labels, None
+  out, lines, left_out = [], _label_lines(labels_path), {}
+  for sp in splits:
+    unknown = []
+    for col, part in (("train", sp.train), ("test", sp.test)):
+      for s in part:
+        if s in labels:
+          continue
+        if s in lines and drop_missing:
+          continue  # labelled but without a representation: dropped above
+        if s in lines:
+          raise EvalError(f"{sp.source} line {_split_line(sp.source, s)}: slide {s!r} "
+                          f"({col}) has no representation")
+        unknown.append((col, s))
+    if unknown and len(unknown) == len(sp.train) + len(sp.test):
+      raise EvalError(f"{sp.source}: none of its slides is in the labels file {labels_path} "
+                      "(splits and labels of different tasks?)")
+    if unknown:
+      col, s = unknown[0]
+      left_out.setdefault(str(pathlib.Path(sp.source).parent), []).append(
+          (sp.source, len(unknown), _split_line(sp.source, s), col, s))
+    train = tuple(s for s in sp.train if s in labels)
+    test = tuple(s for s in sp.test if s in labels)
+    out.append(dataclasses.replace(sp, train=train, test=test))
+  # The reference's own kidney/full splits list 7 slides its table lacks; like
+  # the reference, such slides are left out, but never silently.
+  for folder, items in left_out.items():
+    src, n, line, col, s = items[0]
+    print(f"evaluate: warning: {len(items)} split files in {folder} list slides that are not "
+          f"in {labels_path}: left out (first: {src} line {line}, {col} {s!r}; "
+          f"{n} in that file)", file=sys.stderr)
+  classes = sorted(set(labels.values()))
+  for sp in out:
+    for col, part in (("train", sp.train), ("test", sp.test)):
+      present = {labels[s] for s in part}
+      lacking = [c for c in classes if c not in present]
+      if col == "test" and len(present) < 2:
+        raise EvalError(f"{sp.source}: the test set has only class {sorted(present)} "
+                        "(ROC-AUC needs both classes)")
+      if lacking:
+        raise EvalError(f"{sp.source}: the {col} set has no slide of class(es) {lacking} "
+                        f"of the labels file {labels_path}")
+  return labels, out
+
+
+_LINES_CACHE: dict = {}
+
+
+def _label_lines(path) -> dict:
+  """id -> line number in a labels CSV (for messages)."""
+  key = str(path)
+  if key not in _LINES_CACHE:
+    with open(key, newline="", encoding="utf-8-sig") as f:
+      r = csv.DictReader(f)
+      _LINES_CACHE[key] = {(row.get("ID") or "").strip(): r.line_num for row in r}
+  return _LINES_CACHE[key]
+
+
+def _split_line(path, sid) -> int | str:
+  try:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+      r = csv.DictReader(f)
+      for row in r:
+        if sid in ((row.get("train") or "").strip(), (row.get("test") or "").strip()):
+          return r.line_num
+  except OSError:
+    pass
+  return "?"
