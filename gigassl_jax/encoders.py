@@ -100,15 +100,52 @@ def file_sha256(path: str | os.PathLike) -> str:
 # Shared layers (NHWC activations, HWIO kernels).
 
 
+def _same_pads(n: int, k: int, stride: int) -> tuple[int, int]:
+  """TF "SAME" padding of one axis (the extra pixel goes after)."""
+  total = max((-(-n // stride) - 1) * stride + k - n, 0)
+  return total // 2, total - total // 2
+
+
 def _conv(x, p, stride=1, padding="SAME", groups=1):
-  """Convolution + bias; `padding` is "SAME" (TF convention) or an int."""
+  """Convolution + bias; `padding` is "SAME" (TF convention) or an int.
+
+  x: [B, H, W, Cin]; p['w']: [kh, kw, Cin / groups, Cout]; p['b']: [Cout].
+  """
+  w = p["w"]
+  kh, kw = w.shape[:2]
+  if kh == kw == 1 and groups == 1:
+    # A 1x1 convolution is a matmul over channels; XLA's CPU dot is faster
+    # than its convolution here (and equal elsewhere).
+    return jnp.dot(x[:, ::stride, ::stride, :], w[0, 0]) + p["b"]
   if isinstance(padding, int):
     padding = ((padding, padding), (padding, padding))
+  elif padding == "SAME":
+    padding = (_same_pads(x.shape[1], kh, stride), _same_pads(x.shape[2], kw, stride))
+  if groups > 1 and groups == x.shape[-1] == w.shape[-1]:
+    return _depthwise(x, w, stride, padding) + p["b"]
   y = lax.conv_general_dilated(
-      x, p["w"], (stride, stride), padding,
+      x, w, (stride, stride), padding,
       dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
   )
   return y + p["b"]
+
+
+def _depthwise(x, w, stride, padding):
+  """Depthwise convolution as kh*kw shifted multiply-adds: [B,H,W,C] -> [B,Ho,Wo,C].
+
+  XLA fuses the taps into one elementwise loop, which on CPU runs about 5x
+  faster than its grouped convolution (feature_group_count = C).
+  """
+  kh, kw = w.shape[:2]
+  x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+  ho = (x.shape[1] - kh) // stride + 1
+  wo = (x.shape[2] - kw) // stride + 1
+  y = None
+  for dy in range(kh):
+    for dx in range(kw):
+      tap = x[:, dy : dy + (ho - 1) * stride + 1 : stride, dx : dx + (wo - 1) * stride + 1 : stride, :] * w[dy, dx, 0]
+      y = tap if y is None else y + tap
+  return y
 
 
 def _fold_bn(w_oihw: np.ndarray, sd: dict, bn: str, eps: float, path: str) -> dict:

