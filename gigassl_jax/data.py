@@ -1,0 +1,208 @@
+"""Views of slides for training (method.md section 3): sampling, prefetch, sparse maps.
+
+Two halves:
+  host (numpy): for each step, which slides (an epoch-wise shuffle of the whole
+    bank), and for each slide and view an augmentation index k and T tile
+    indices drawn with replacement; the records are read from the bank.
+  device (jax, inside the training step): coordinate augmentation and
+    quantisation into a SparseMap (`make_views`).
+
+Every random draw is a pure function of (seed, step, position in the global
+batch), never of the process or device that makes it. So a resumed run
+reproduces the same views from its step counter alone (the sampling state is
+just the step), and 1 process x 8 devices sees exactly the views that 2
+processes x 4 devices see. Each process reads only the records of its share
+of every global batch.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import pathlib
+import queue
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gigassl_jax import bank as bank_lib
+from gigassl_jax.sparse import coord_augment, maps
+
+# Streams of the sampling seed, so the draws of different purposes never overlap.
+_SHUFFLE, _VIEWS = 1, 2
+
+
+class ViewSampler:
+  """Draws the 2 views of every slide of a step's global batch.
+
+  Attributes:
+    steps_per_epoch: len(bank) // batch_size (the last partial batch of an
+      epoch is dropped: static shapes under jit).
+  """
+
+  def __init__(self, reader, *, batch_size: int, tiles: int, seed: int,
+               process_index: int = 0, process_count: int = 1, read_threads: int = 8):
+    n = len(reader)
+    if batch_size > n:
+      raise ValueError(
+          f"--train_batch_size={batch_size} exceeds the {n} slides of the bank {reader.path}")
+    if batch_size % process_count:
+      raise ValueError(
+          f"--train_batch_size={batch_size} is not divisible by the {process_count} processes")
+    self.reader = reader
+    self.batch_size = batch_size
+    self.tiles = tiles
+    self.seed = seed
+    self.steps_per_epoch = n // batch_size
+    self.local_size = batch_size // process_count
+    self.local_start = process_index * self.local_size
+    self._pool = concurrent.futures.ThreadPoolExecutor(max(1, read_threads))
+
+  def slides(self, step: int) -> np.ndarray:
+    """int64 [B]: slide indices of the global batch of `step`."""
+    epoch, i = divmod(step, self.steps_per_epoch)
+    perm = np.random.default_rng([self.seed, _SHUFFLE, epoch]).permutation(len(self.reader))
+    return perm[i * self.batch_size:(i + 1) * self.batch_size]
+
+  def draws(self, step: int, position: int):
+    """(aug [2], tiles [2, T]) of the slide at `position` in the global batch."""
+    rng = np.random.default_rng([self.seed, _VIEWS, step, position])
+    aug = rng.integers(0, self.reader.n_aug, size=2)
+    tiles = rng.integers(0, self.reader.n_tiles, size=(2, self.tiles))
+    return aug, tiles
+
+  def _one(self, step, position, slide):
+    aug, tiles = self.draws(step, position)
+    feats, xy = [], []
+    for v in range(2):
+      f, c = self.reader.get(int(slide), int(aug[v]))
+      feats.append(f[tiles[v]])
+      xy.append(c[tiles[v]])
+    return np.stack(feats), np.stack(xy)
+
+  def local_batch(self, step: int) -> dict:
+    """This process's share of the views of `step`.
+
+    Returns:
+      dict with feats float16 [b, 2, T, F], xy int32 [b, 2, T, 2] (level-0
+      positions), position int32 [b] (place in the global batch, which keys
+      the on-device augmentation), slide int32 [b].
+    """
+    slides = self.slides(step)
+    pos = np.arange(self.local_start, self.local_start + self.local_size)
+    out = list(self._pool.map(lambda p: self._one(step, p, slides[p]), pos))
+    return {
+        "feats": np.stack([o[0] for o in out]),
+        "xy": np.stack([o[1] for o in out]).astype(np.int32),
+        "position": pos.astype(np.int32),
+        "slide": slides[pos].astype(np.int32),
+    }
+
+  def close(self):
+    self._pool.shutdown(wait=False)
+
+
+class Prefetcher:
+  """Prepares the batches of the next steps in a background thread.
+
+  `put` (e.g. a host-to-device transfer) also runs in the thread, so the
+  training loop only waits when the input is slower than the device.
+  """
+
+  def __init__(self, make, start_step: int, end_step: int, depth: int = 2, put=None):
+    self._make, self._put = make, put or (lambda x: x)
+    self._q = queue.Queue(maxsize=max(1, depth))
+    self._stop = threading.Event()
+    self._next = start_step
+    self._thread = threading.Thread(target=self._run, args=(start_step, end_step), daemon=True)
+    self._thread.start()
+
+  def _run(self, start, end):
+    for step in range(start, end):
+      if self._stop.is_set():
+        return
+      try:
+        item = (step, self._put(self._make(step)), None)
+      except BaseException as e:  # surfaced in the consumer's thread
+        item = (step, None, e)
+      while not self._stop.is_set():
+        try:
+          self._q.put(item, timeout=0.1)
+          break
+        except queue.Full:
+          continue
+      if item[2] is not None:
+        return
+
+  def get(self, step: int):
+    """The batch of `step` (steps must be requested in order)."""
+    if step != self._next:
+      raise RuntimeError(f"prefetcher asked for step {step}, expected {self._next}")
+    got, batch, err = self._q.get()
+    if err is not None:
+      raise RuntimeError(f"preparing the views of step {got} failed: {err}") from err
+    self._next += 1
+    return batch
+
+  def close(self):
+    self._stop.set()
+    self._thread.join(timeout=5)
+
+
+# ---------------------------------------------------------------- device ----
+
+
+def make_views(key, xy, feats, position, cfg: coord_augment.CoordAugment, cell: int = 224):
+  """Coordinate augmentation + quantisation of one view per slide, on device.
+
+  Args:
+    key: PRNG key of this step and view (0 or 1).
+    xy: int32 [b, T, 2] level-0 positions.
+    feats: [b, T, F] tile embeddings.
+    position: int32 [b] place of each slide in the global batch; each view's
+      augmentation key is fold_in(key, position), so it does not depend on the
+      device that computes it.
+    cfg: which coordinate augmentations are on.
+    cell: level-0 pixels per grid cell.
+
+  Returns:
+    SparseMap with capacity T, features float32 [b, T, F].
+  """
+  valid = jnp.ones(xy.shape[:2], bool)
+  keys = jax.vmap(lambda p: jax.random.fold_in(key, p))(position)
+  aug = jax.vmap(lambda k, p, m: coord_augment.augment_view(k, p, m, cfg))(keys, xy, valid)
+  grid = maps.quantize(aug, valid, cell)
+  return maps.from_grid(grid, feats.astype(jnp.float32), valid)
+
+
+# ------------------------------------------------------------- synthetic ----
+
+
+def make_synthetic_bank(bank_dir, n_slides: int, n_aug: int, n_tiles: int, dim: int,
+                        seed: int = 0) -> pathlib.Path:
+  """A small random bank with the real bank's format (for smoke runs and tests).
+
+  Each slide has its own mean embedding (so slides are distinguishable, and a
+  contrastive loss has something to learn); each augmentation perturbs it, and
+  the tiles sit on a level-0 grid of pitch 896 (level-1 tiles, 4 cells apart).
+  Idempotent: an already packed bank is left alone.
+  """
+  bank_dir = pathlib.Path(bank_dir)
+  if (bank_dir / bank_lib.PACKED_DIR / "dataset_info.json").is_file():
+    return bank_dir
+  rng = np.random.default_rng(seed)
+  meta = {"encoder": "synthetic", "weights_id": "random", "level": 1, "tile_size": 224}
+  for s in range(n_slides):
+    centre = 0.5 * rng.normal(size=(1, 1, dim))
+    emb = centre + rng.normal(size=(n_aug, n_tiles, dim))
+    h, w = rng.integers(4, 40, size=2)
+    cells = rng.choice(h * w, size=min(n_tiles, h * w), replace=False)
+    cells = np.resize(cells, n_tiles)
+    xy = np.stack([cells % w, cells // w], -1) * 896 + rng.integers(0, 10**5, size=2)
+    coords = np.broadcast_to(xy, (n_aug, n_tiles, 2)).copy()
+    for k in range(n_aug):  # each augmentation draws its own tiles
+      coords[k] = coords[k][rng.permutation(n_tiles)]
+    bank_lib.write_slide(bank_dir, f"synthetic_{s:05d}", emb.astype(np.float16), coords, meta)
+  bank_lib.pack(bank_dir)
+  return bank_dir

@@ -1,0 +1,505 @@
+r"""Trains the Giga-SSL pooling network on an embedding bank (method.md section 5).
+
+    python -m gigassl_jax.train --flagfile=experiments/base.flags \
+        --data_bank=BANK --workdir=RUN
+
+Data parallel over every device of every process: `jax.shard_map` over a 1-D
+`data` mesh; each device gets batch / n_devices slides (2 views each); BN
+statistics and NT-Xent negatives span all devices by default (flags turn either
+off). Killed at any moment and started again with the same command, a run
+continues from its last checkpoint and reaches the same parameters as an
+uninterrupted run (the view sampling is a pure function of the step).
+
+Workdir: config.json + flags.txt (resolved flags), checkpoints/ (orbax),
+metrics.jsonl (step, loss, lr, views_per_s, collapse, grad_norm), tb/
+(TensorBoard), loss_curve.png.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging as pylogging
+import math
+import os
+import pathlib
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging as absl_logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from gigassl_jax import bank as bank_lib
+from gigassl_jax import config as config_lib
+from gigassl_jax import data as data_lib
+from gigassl_jax import losses
+from gigassl_jax import models
+from gigassl_jax.sparse import coord_augment
+
+AXIS = "data"
+CKPT_DIR = "checkpoints"
+METRICS = "metrics.jsonl"
+log = pylogging.getLogger("gigassl_jax.train")
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss (or the gradient norm) became NaN or inf."""
+
+
+# ------------------------------------------------------------ building ------
+
+
+def build_model(cfg: config_lib.Config, in_features: int, *, bn_axis_name=None,
+                seed: int | None = None) -> models.GigaSSL:
+  """The GigaSSL model of a config (random init, or torchvision layer4)."""
+  model = models.GigaSSL(in_features, conv_impl=cfg.conv_impl,
+                         table_builder=cfg.model_table_builder, bn_axis_name=bn_axis_name,
+                         rngs=nnx.Rngs(cfg.train_seed if seed is None else seed))
+  if cfg.model_init == "torchvision":
+    from gigassl_jax import pth  # pylint: disable=g-import-not-at-top
+    path = pathlib.Path(cfg.model_weights)
+    if not path.is_file():
+      raise FileNotFoundError(f"--model_weights={path} does not exist")
+    models.load_torchvision_layer4(model.pool, pth.load_state_dict(path),
+                                   orientation=cfg.model_orientation)
+  return model
+
+
+def make_mesh(devices=None) -> jax.sharding.Mesh:
+  """1-D `data` mesh over `devices` (default: all devices of all processes)."""
+  devices = jax.devices() if devices is None else list(devices)
+  return jax.sharding.Mesh(np.array(devices), (AXIS,),
+                           axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def make_schedule(cfg: config_lib.Config, total_steps: int, steps_per_epoch: int):
+  """Linear warm-up from 0 over optim_warmup_epochs, then cosine decay to final_lr."""
+  warmup = min(int(round(cfg.optim_warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1),
+      end_value=cfg.optim_final_lr * cfg.train_batch_size / 256.0)
+
+
+def make_optimizer(cfg: config_lib.Config, schedule) -> optax.GradientTransformation:
+  if cfg.optim_weight_decay > 0:
+    return optax.adamw(schedule, b1=cfg.optim_b1, b2=cfg.optim_b2,
+                       weight_decay=cfg.optim_weight_decay)
+  return optax.adam(schedule, b1=cfg.optim_b1, b2=cfg.optim_b2)
+
+
+def init_state(model: models.GigaSSL, tx) -> tuple[nnx.GraphDef, dict]:
+  """Splits the model into (graphdef, train state pytree).
+
+  State: params, batch_stats (BN running statistics), opt_state, step (int32,
+  the number of finished steps).
+  """
+  graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  state = {"params": params, "batch_stats": stats, "opt_state": tx.init(params),
+           "step": jnp.zeros((), jnp.int32)}
+  return graphdef, state
+
+
+def coord_config(cfg: config_lib.Config) -> coord_augment.CoordAugment:
+  return coord_augment.CoordAugment(
+      translate=cfg.data_translate, rotate=cfg.data_rotate, flip=cfg.data_flip,
+      scale=cfg.data_scale, scale_range=tuple(cfg.data_scale_range))
+
+
+def _grads_body(graphdef, cfg: config_lib.Config):
+  """Per-device `(params, stats, step, batch) -> (loss, grads, stats, collapse)`.
+
+  Runs inside shard_map over AXIS; every output is the global (replicated) value.
+  """
+  aug = coord_config(cfg)
+  global_neg = cfg.loss_negatives == "global"
+
+  def body(params, stats, step, batch):
+    key = jax.random.fold_in(jax.random.key(cfg.train_seed), step)
+    views = [data_lib.make_views(jax.random.fold_in(key, v), batch["xy"][:, v],
+                                 batch["feats"][:, v], batch["position"], aug, cfg.data_cell)
+             for v in range(2)]
+
+    def loss_fn(params, stats):
+      # Fresh Variables at this trace level (BN writes its running statistics).
+      model = nnx.merge(graphdef, params, jax.tree.map(jnp.asarray, stats))
+      # Two forward passes, as the reference: BN statistics per view batch.
+      _, z1 = model(views[0])
+      _, z2 = model(views[1])
+      loss = losses.nt_xent(z1, z2, cfg.loss_temperature,
+                            axis_name=AXIS if global_neg else None)
+      return loss, (nnx.state(model, nnx.BatchStat), z1)
+
+    (loss, (stats, z1)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats)
+    # Each device's loss is the mean over its own anchors: the global loss is
+    # their mean, and (collectives transpose to collectives under
+    # check_vma=False) the mean of the per-device gradients is its gradient.
+    grads = jax.lax.pmean(grads, AXIS)
+    loss = jax.lax.pmean(loss, AXIS)
+    # Synced BN statistics are already equal on all devices (pmean is then a
+    # no-op); unsynced ones are averaged so the replicated state stays one.
+    stats = jax.lax.pmean(stats, AXIS)
+    collapse = losses.collapse_level(jax.lax.all_gather(z1, AXIS, tiled=True))
+    return loss, grads, stats, collapse
+
+  return body
+
+
+def make_grad_step(graphdef, cfg: config_lib.Config, mesh):
+  """Jitted `(params, stats, step, batch) -> (loss, grads, new_stats, collapse)`.
+
+  The training step without the optimiser (for tests and benchmarks).
+  """
+  body = _grads_body(graphdef, cfg)
+  return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P(), P(AXIS)),
+                               out_specs=P(), check_vma=False))
+
+
+def make_train_step(graphdef, cfg: config_lib.Config, tx, mesh):
+  """The jitted data-parallel training step `(state, batch) -> (state, metrics)`.
+
+  batch (global arrays sharded over `data`): feats [B, 2, T, F], xy int32
+  [B, 2, T, 2], position int32 [B] (see data.ViewSampler.local_batch).
+  metrics: loss (global mean over the 2B anchors), collapse (of the first
+  views' projections, whole batch), grad_norm; all replicated scalars.
+  """
+  grads_body = _grads_body(graphdef, cfg)
+
+  def body(state, batch):
+    loss, grads, stats, collapse = grads_body(state["params"], state["batch_stats"],
+                                              state["step"], batch)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new = {"params": params, "batch_stats": stats, "opt_state": opt_state,
+           "step": state["step"] + 1}
+    return new, {"loss": loss, "collapse": collapse, "grad_norm": optax.global_norm(grads)}
+
+  sharded = jax.shard_map(body, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()),
+                          check_vma=False)
+  return jax.jit(sharded, donate_argnums=0)
+
+
+def put_replicated(tree, mesh):
+  """Same host values on every process -> global arrays replicated over the mesh."""
+  rep = NamedSharding(mesh, P())
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(rep, np.asarray(x)), tree)
+
+
+def put_batch(local: dict, mesh) -> dict:
+  """This process's share of a batch -> global arrays sharded over `data`."""
+  sh = NamedSharding(mesh, P(AXIS))
+  return {k: jax.make_array_from_process_local_data(sh, local[k])
+          for k in ("feats", "xy", "position")}
+
+
+def to_host(x) -> np.ndarray:
+  """A replicated (possibly multi-process) array -> numpy."""
+  return np.asarray(x.addressable_shards[0].data)
+
+
+# ---------------------------------------------------------- checkpoints -----
+
+
+def checkpoint_manager(workdir, keep: int = 3) -> ocp.CheckpointManager:
+  opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+  return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / CKPT_DIR, options=opts,
+                               item_names=("state", "meta"))
+
+
+def _abstract(tree, sharding=None):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def restore_state(mgr, state, mesh, step=None):
+  """(state, meta) of checkpoint `step` (default latest), replicated on `mesh`."""
+  step = mgr.latest_step() if step is None else step
+  target = _abstract(state, NamedSharding(mesh, P()))
+  got = mgr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+  return got["state"], got["meta"]
+
+
+def restore_model(workdir, step: int | None = None):
+  """Rebuilds a trained model from a workdir, for encoding.
+
+  Args:
+    workdir: a training run's directory (config.json + checkpoints/).
+    step: checkpoint step (default: the latest).
+
+  Returns:
+    (model GigaSSL in eval mode, with the checkpoint's parameters and BN running
+    statistics, on the default device; the run's Config).
+  """
+  cfg = config_lib.read(workdir)
+  model = build_model(cfg.replace(model_init="random"), cfg.model_in_features)
+  tx = make_optimizer(cfg, make_schedule(cfg, 1, 1))  # same state structure
+  graphdef, state = init_state(model, tx)
+  mgr = checkpoint_manager(workdir, cfg.train_ckpt_keep)
+  if mgr.latest_step() is None:
+    raise FileNotFoundError(f"no checkpoint in {pathlib.Path(workdir) / CKPT_DIR}")
+  mesh = make_mesh(jax.local_devices()[:1])
+  got, _ = restore_state(mgr, state, mesh, step)
+  mgr.close()
+  model = nnx.merge(graphdef, got["params"], got["batch_stats"])
+  model.eval()
+  return model, cfg
+
+
+# -------------------------------------------------------------- metrics -----
+
+
+class Metrics:
+  """JSONL + TensorBoard writer (process 0 only), resumable."""
+
+  def __init__(self, workdir, start_step: int, enabled: bool):
+    self.enabled = enabled
+    self.path = pathlib.Path(workdir) / METRICS
+    self._tb = None
+    if not enabled:
+      return
+    # A resumed run rewrites what came after its checkpoint.
+    if self.path.exists():
+      keep = [l for l in self.path.read_text().splitlines()
+              if l.strip() and json.loads(l)["step"] <= start_step]
+      tmp = self.path.with_name(f".{METRICS}.tmp-{os.getpid()}")
+      tmp.write_text("".join(l + "\n" for l in keep))
+      os.replace(tmp, self.path)
+    try:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tb"), purge_step=start_step + 1)
+    except ImportError:
+      log.warning("tensorboardX not installed: no TensorBoard events")
+
+  def write(self, rec: dict):
+    if not self.enabled:
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps(rec) + "\n")
+    if self._tb is not None:
+      for k, v in rec.items():
+        if k != "step" and v is not None:
+          self._tb.add_scalar(f"train/{k}", v, rec["step"])
+
+  def close(self):
+    if self._tb is not None:
+      self._tb.close()
+
+
+def plot_loss_curve(workdir) -> pathlib.Path | None:
+  """loss and collapse vs step from metrics.jsonl -> loss_curve.png (atomic)."""
+  path = pathlib.Path(workdir) / METRICS
+  if not path.exists():
+    return None
+  recs = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+  if not recs:
+    return None
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+  steps = [r["step"] for r in recs]
+  ax[0].plot(steps, [r["loss"] for r in recs])
+  ax[0].set(xlabel="step", ylabel="NT-Xent loss")
+  ax[1].plot(steps, [r["collapse"] for r in recs])
+  ax[1].set(xlabel="step", ylabel="collapse (std x sqrt(dim); 0 = collapsed)")
+  fig.tight_layout()
+  out = pathlib.Path(workdir) / "loss_curve.png"
+  tmp = out.with_name(f".loss_curve.tmp-{os.getpid()}.png")
+  fig.savefig(tmp, dpi=100)
+  plt.close(fig)
+  os.replace(tmp, out)
+  return out
+
+
+# ----------------------------------------------------------------- run ------
+
+
+def init_distributed(cfg: config_lib.Config) -> None:
+  """jax.distributed.initialize as asked (must run before any jax computation)."""
+  if cfg.dist_init == "none":
+    return
+  if jax.config.jax_platforms in ("cpu",) or os.environ.get("JAX_PLATFORMS") == "cpu":
+    if cfg.dist_cpu_collectives != "none":
+      jax.config.update("jax_cpu_collectives_implementation", cfg.dist_cpu_collectives)
+  if cfg.dist_init == "auto":
+    jax.distributed.initialize()
+  else:
+    jax.distributed.initialize(coordinator_address=cfg.dist_coordinator,
+                               num_processes=cfg.dist_num_processes,
+                               process_id=cfg.dist_process_id)
+
+
+def open_bank(cfg: config_lib.Config):
+  """The BankReader of --data_bank (making the synthetic bank if asked)."""
+  if cfg.data_bank == config_lib.SYNTHETIC:
+    bank_dir = pathlib.Path(cfg.workdir) / "synthetic_bank"
+    if jax.process_index() == 0:
+      s, k, t, f = cfg.data_synthetic_shape
+      data_lib.make_synthetic_bank(bank_dir, s, k, t, f, seed=cfg.train_seed)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("synthetic_bank")
+    return bank_lib.open_bank(bank_dir)
+  return bank_lib.open_bank(cfg.data_bank)
+
+
+def run(cfg: config_lib.Config) -> dict:
+  """Trains to the end (or resumes); returns the final metrics record."""
+  cfg.validate()
+  workdir = pathlib.Path(cfg.workdir)
+  is_main = jax.process_index() == 0
+
+  # --- data: the bank, the sampler, the resolved config -------------------
+  reader = open_bank(cfg)
+  if cfg.model_in_features and cfg.model_in_features != reader.feature_dim:
+    raise ValueError(f"--model_in_features={cfg.model_in_features} but the bank "
+                     f"{reader.path} holds {reader.feature_dim}-d embeddings")
+  cfg = cfg.replace(model_in_features=reader.feature_dim)
+  n_dev = jax.device_count()
+  if cfg.train_batch_size % n_dev:
+    raise ValueError(f"--train_batch_size={cfg.train_batch_size} is not divisible by the "
+                     f"{n_dev} devices")
+  sampler = data_lib.ViewSampler(
+      reader, batch_size=cfg.train_batch_size, tiles=cfg.data_tiles, seed=cfg.train_seed,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      read_threads=cfg.data_read_threads)
+  spe = sampler.steps_per_epoch
+  total = cfg.train_steps if cfg.train_steps > 0 else max(1, int(round(cfg.train_epochs * spe)))
+  if is_main:
+    workdir.mkdir(parents=True, exist_ok=True)
+    old = workdir / config_lib.CONFIG_JSON
+    if old.exists() and config_lib.read(workdir) != cfg:
+      log.warning("%s differs from this run's flags; overwriting (a changed run "
+                      "resumes from the same checkpoints)", old)
+    config_lib.write(cfg, workdir)
+
+  # --- model, optimiser, state (restored if a checkpoint exists) ----------
+  mesh = make_mesh()
+  model = build_model(cfg, reader.feature_dim, bn_axis_name=AXIS if cfg.model_sync_bn else None)
+  schedule = make_schedule(cfg, total, spe)
+  tx = make_optimizer(cfg, schedule)
+  graphdef, state = init_state(model, tx)
+  mgr = checkpoint_manager(workdir, cfg.train_ckpt_keep)
+  start = 0
+  if mgr.latest_step() is not None:
+    state, meta = restore_state(mgr, state, mesh)
+    start = int(meta["step"])
+    log.info("resumed from the checkpoint of step %d", start)
+  else:
+    state = put_replicated(state, mesh)
+  train_step = make_train_step(graphdef, cfg, tx, mesh)
+
+  # --- loop: prefetch, step, metrics one step behind, checkpoints ---------
+  prefetch = data_lib.Prefetcher(sampler.local_batch, start, total, cfg.data_prefetch,
+                                 put=functools.partial(put_batch, mesh=mesh))
+  metrics = Metrics(workdir, start, is_main)
+  views_per_step = 2 * cfg.train_batch_size
+  bar = None
+  if is_main and cfg.train_progress:
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+  t_log, n_log, t_start = None, 0, time.perf_counter()
+  last = {}
+
+  def check(step, m):
+    """Fetches step `step`'s metrics (blocks on it); stops on a non-finite loss."""
+    nonlocal t_log, n_log, last
+    vals = {k: float(to_host(v)) for k, v in m.items()}
+    if not (math.isfinite(vals["loss"]) and math.isfinite(vals["grad_norm"])):
+      raise NonFiniteLossError(
+          f"non-finite loss {vals['loss']} (gradient norm {vals['grad_norm']}) at step "
+          f"{step + 1}; the last good checkpoint (step {mgr.latest_step()}) is kept in "
+          f"{workdir / CKPT_DIR}. Lower --optim_base_lr or check the bank.")
+    now = time.perf_counter()
+    if t_log is None:  # the first step includes compilation: not timed
+      t_log, n_log = now, 0
+    else:
+      n_log += 1
+    done = step + 1
+    if done % cfg.train_log_every == 0 or done == total:
+      vps = n_log * views_per_step / (now - t_log) if n_log else None  # JSON null
+      last = {"step": done, "loss": vals["loss"], "lr": float(schedule(step)),
+              "views_per_s": vps, "collapse": vals["collapse"],
+              "grad_norm": vals["grad_norm"], "epoch": done / spe}
+      metrics.write(last)
+      if bar is None and is_main:
+        eta = (total - done) * (now - t_log) / max(n_log, 1)
+        log.info("step %d/%d loss %.4f lr %.3g collapse %.3f %s views/s ETA %.0fs",
+                 done, total, vals["loss"], last["lr"], vals["collapse"],
+                 "-" if vps is None else f"{vps:.0f}", eta)
+      t_log, n_log = now, 0
+    if bar is not None:
+      bar.update(1)
+      bar.set_postfix(loss=f"{vals['loss']:.4f}", collapse=f"{vals['collapse']:.3f}")
+
+  pending = None
+  try:
+    for step in range(start, total):
+      batch = prefetch.get(step)
+      state, m = train_step(state, batch)
+      if pending is not None:
+        check(*pending)
+      pending = (step, m)
+      if (step + 1) % cfg.train_ckpt_every == 0 or step + 1 == total:
+        check(*pending)  # never checkpoint a state after a non-finite step
+        pending = None
+        mgr.save(step + 1, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            meta=ocp.args.JsonSave({"step": step + 1, "epoch": (step + 1) / spe,
+                                    "seed": cfg.train_seed})))
+    if pending is not None:
+      check(*pending)
+  finally:
+    prefetch.close()
+    sampler.close()
+    mgr.wait_until_finished()
+    mgr.close()
+    metrics.close()
+    if bar is not None:
+      bar.close()
+  if is_main:
+    plot_loss_curve(workdir)
+    log.info("done: %d steps in %.1fs; workdir %s", total - start,
+                 time.perf_counter() - t_start, workdir)
+  return last
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  # --- config --------------------------------------------------------------
+  try:
+    cfg = config_lib.from_flags()
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  init_distributed(cfg)
+  # Our progress on stderr; orbax's and TFDS's INFO chatter stays quiet.
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  handler = pylogging.StreamHandler()
+  handler.setFormatter(pylogging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+  log.addHandler(handler)
+  log.setLevel(pylogging.INFO)
+  log.propagate = False
+  # --- train ---------------------------------------------------------------
+  try:
+    run(cfg)
+  except NonFiniteLossError as e:
+    log.error("%s", e)
+    sys.exit(f"error: {e}")
+  except (FileNotFoundError, ValueError) as e:
+    sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+  config_lib.define_flags()
+  flags.mark_flags_as_required(["workdir", "data_bank"])
+  app.run(main)
