@@ -331,7 +331,8 @@ def _save_fig(fig, path) -> pathlib.Path:
 
 
 def run(reps_paths: list, labels_path, splits_dir=None, out_dir=None, *, folds: int = 5,
-        subsets=("full",), seed: int = 0, workdir=None, drop_missing: bool = False,
+        subsets=("full",), seed: int = 0, repeats: int = 1, workdir=None,
+        drop_missing: bool = False,
         progress: bool = True) -> dict:
   """Everything the CLI does; returns {"rows", "records", "markdown", "files"}."""
   reps_list = [load_reps(p) for p in reps_paths]
@@ -343,7 +344,7 @@ def run(reps_paths: list, labels_path, splits_dir=None, out_dir=None, *, folds: 
   splits = splits_lib.load_splits(splits_dir) if splits_dir else None
   labels, splits = splits_lib.check_inputs(reps_list, labels, str(labels_path), splits, drop_missing)
   if splits is None:
-    splits = splits_lib.kfold_splits(list(labels), labels, folds, subsets, seed)
+    splits = splits_lib.kfold_splits(list(labels), labels, folds, subsets, seed, repeats)
     labels, splits = splits_lib.check_inputs(reps_list, labels, str(labels_path), splits, drop_missing)
   records = evaluate(reps_list, labels, splits, progress)
   rows = summarize(records)
@@ -377,6 +378,7 @@ def _define_flags():
   f.DEFINE_integer("folds", 5, "k of the stratified k-fold CV (without --splits).")
   f.DEFINE_list("subsets", ["full"], "Training-set sizes for CV: full, 25p (or 25%), 100, 50.")
   f.DEFINE_integer("seed", 0, "Seed of the CV folds and subsets.")
+  f.DEFINE_integer("repeats", 1, "Repetitions of the k-fold CV (seeds seed, seed + 1, ...).")
   f.DEFINE_string("out", None, "Output folder: results.md/csv, per_split.csv, pca.png.")
   f.DEFINE_string("workdir", None, "Training run folder; its metrics.jsonl gives loss.png.")
   f.DEFINE_bool("drop_missing", False, "Drop labelled slides without a representation "
@@ -390,7 +392,7 @@ def main(argv):
   fl = _FLAGS
   try:
     res = run(fl.reps, fl.labels, fl.splits, fl.out, folds=fl.folds, subsets=fl.subsets,
-              seed=fl.seed, workdir=fl.workdir, drop_missing=fl.drop_missing)
+              seed=fl.seed, repeats=fl.repeats, workdir=fl.workdir, drop_missing=fl.drop_missing)
   except EvalError as e:
     print(f"evaluate: error: {e}", file=sys.stderr)
     return 2

@@ -198,7 +198,7 @@ def subsample(train: list, labels: dict, spec: str, rng: np.random.Generator) ->
 
 
 def kfold_splits(ids: list, labels: dict, folds: int = 5, subsets=("full",),
-                 seed: int = 0) -> list:
+                 seed: int = 0, repeats: int = 1) -> list:
   """Stratified k-fold splits of the labelled slides, each fold's training set subsampled.
 
   Args:
@@ -207,6 +207,8 @@ def kfold_splits(ids: list, labels: dict, folds: int = 5, subsets=("full",),
     folds: k.
     subsets: data-fraction specs applied to each fold's training set.
     seed: seeds both the folds and the subsets.
+    repeats: the k-fold partition is drawn this many times (repetition i uses
+      seed + i), for more stable means on small cohorts.
 
   Returns:
     list of Split, subset-major.
@@ -219,16 +221,21 @@ def kfold_splits(ids: list, labels: dict, folds: int = 5, subsets=("full",),
     c = classes[np.argmin(counts)]
     raise EvalError(f"class {c!r} has {counts.min()} slides, fewer than --folds={folds}: "
                     "use fewer folds or more slides")
-  skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-  base = [(tr, te) for tr, te in skf.split(np.zeros(len(ids)), y)]
+  if repeats < 1:
+    raise EvalError(f"--repeats must be >= 1, got {repeats}")
+  base = []
+  for i in range(repeats):
+    skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed + i)
+    base += [(tr, te) for tr, te in skf.split(np.zeros(len(ids)), y)]
   out = []
   for spec in subsets:
     parse_subset(spec)  # fail early on a bad spec
     rng = np.random.default_rng([seed, zlib.crc32(spec.encode())])
     for k, (tr, te) in enumerate(base):
       train = subsample([ids[i] for i in tr], labels, spec, rng)
-      out.append(Split(subset=spec, name=f"{spec}/fold_{k}",
-                       source=f"stratified {folds}-fold CV (seed {seed}), fold {k}",
+      rep, fold = divmod(k, folds)
+      out.append(Split(subset=spec, name=f"{spec}/rep_{rep}_fold_{fold}",
+                       source=f"stratified {folds}-fold CV (seed {seed + rep}), fold {fold}",
                        train=tuple(train), test=tuple(ids[i] for i in te)))
   return out
 
