@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import jax
 
-from gigassl_jax.kernels.sparse_conv import dense, gather, reference
+from gigassl_jax.kernels.sparse_conv import dense, gather, pairs, pallas_gpu, reference
 
 IMPLEMENTATIONS = {
     "dense": dense.conv_dense,
     "reference": reference.conv_reference,
     "gather": gather.conv_gather,
+    "pairs": pairs.conv_pairs,
+    "pallas_gpu": pallas_gpu.conv_pallas_gpu,
 }
 
 DEFAULT_BY_BACKEND = {"cpu": "gather", "gpu": "gather", "tpu": "gather"}

@@ -1,0 +1,172 @@
+"""`pairs` implementation: only real (input, output, tap) pairs are multiplied.
+
+At Giga-SSL's training shape almost every site is isolated (~2.5 real pairs per
+output site of a submanifold 3x3 conv, ~1 per output of the strided conv, and
+half the rows of the strided conv's output capacity are padding), so padding
+every row to 9 taps (the `gather` implementation) multiplies 4-8x more rows
+than there are pairs. Here the pairs are compacted, grouped by tap and cut
+into tiles of `tile` rows; a loop whose trip count is the number of tiles
+actually used (data-dependent, so work follows the real pairs, not the static
+capacity) multiplies each tile by its tap's weight:
+
+  for t in range(n_used):            # tiles, grouped by tap
+    k = tap[t]
+    out[dst[t]] += x[src[t]] @ w[k]   # [tile, C_in] @ [C_in, C_out]
+
+Within one tile every output row (and every input row) appears at most once:
+a tile holds pairs of a single tap, and through one tap an output reads at most
+one input and an input is read by at most one output. Unused slots point at
+distinct rows past the end (dropped by the scatter, zero in the gather), so
+each scatter-add has unique indices, and tiles are applied in a fixed order:
+forward and backward are deterministic on every backend (no atomics).
+
+Backward (custom_vjp), same tiles in the same order:
+  dx[src[t]] += g[dst[t]] @ w[k].T ;  dw[k] += x[src[t]].T @ g[dst[t]]
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+DEFAULT_TILE = 256
+
+
+def _plan(nbr, n_in, tile):
+  """Tap-grouped, tiled pair lists from a flat neighbour table.
+
+  Args:
+    nbr: int32 [N_out, K] flat input row per (output row, tap), -1 none.
+    n_in: number of input rows N_in.
+    tile: rows per tile T.
+
+  Returns:
+    src: int32 [n_tiles, T] input row of each slot (N_in + j for unused slot j).
+    dst: int32 [n_tiles, T] output row of each slot (N_out + j when unused).
+    tap: int32 [n_tiles] the tap of each tile.
+    n_used: int32 [] tiles holding at least one pair (they come first).
+  """
+  n_out, k = nbr.shape
+  # Static worst case: through one tap each output reads <= 1 input and each
+  # input is read by <= 1 output, so tap k has <= min(N_out, N_in) pairs.
+  per_tap = -(-min(n_out, n_in) // tile)
+  n_tiles = max(1, k * per_tap)
+  valid = nbr >= 0
+  count = jnp.sum(valid, axis=0, dtype=jnp.int32)  # [K] pairs per tap
+  tiles_k = (count + tile - 1) // tile  # [K] tiles per tap
+  tile_end = jnp.cumsum(tiles_k)  # [K] first tile after tap k's tiles
+  tile_start = tile_end - tiles_k
+  # Slot of pair (o, k) = first slot of tap k + rank of o among tap k's pairs
+  # (ranks follow the output row order, so each tile reads ascending rows).
+  rank = jnp.cumsum(valid, axis=0, dtype=jnp.int32) - 1
+  slot = tile_start[None, :] * tile + rank
+  slot = jnp.where(valid, slot, n_tiles * tile).reshape(-1)  # invalid -> dropped
+  j = jnp.arange(n_tiles * tile, dtype=jnp.int32) % tile
+  rows = jnp.broadcast_to(jnp.arange(n_out, dtype=jnp.int32)[:, None], (n_out, k))
+  src = (n_in + j).at[slot].set(nbr.reshape(-1), mode="drop", unique_indices=True)
+  dst = (n_out + j).at[slot].set(rows.reshape(-1), mode="drop", unique_indices=True)
+  # Tile t belongs to the tap whose tile range holds it: #taps ending at or before t.
+  t = jnp.arange(n_tiles, dtype=jnp.int32)
+  tap = jnp.sum(tile_end[None, :] <= t[:, None], axis=1, dtype=jnp.int32)
+  tap = jnp.minimum(tap, k - 1)
+  return src.reshape(n_tiles, tile), dst.reshape(n_tiles, tile), tap, tile_end[-1]
+
+
+def _rows(a, idx):
+  """a[idx] with zero rows for indices past the end."""
+  return a.at[idx].get(mode="fill", fill_value=0, unique_indices=False)
+
+
+def _dot(a, b):
+  return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def tiled_pairs(x, w, src, dst, tap, n_used, n_out):
+  """out[dst[t]] += x[src[t]] @ w[tap[t]] for the first n_used tiles.
+
+  Args:
+    x: [N_in, C_in]; w: [K, C_in, C_out]; src, dst: int32 [n_tiles, T];
+    tap: int32 [n_tiles]; n_used: int32 [] tiles to run; n_out: static N_out.
+
+  Returns:
+    [N_out, C_out] in x's dtype (accumulated in float32).
+  """
+  return _forward(x, w, src, dst, tap, n_used, n_out)
+
+
+def _forward(x, w, src, dst, tap, n_used, n_out):
+  out = jnp.zeros((n_out, w.shape[2]), jnp.float32)
+
+  def body(t, out):
+    y = _dot(_rows(x, src[t]), w[tap[t]])
+    return out.at[dst[t]].add(y, mode="drop", unique_indices=True)
+
+  out = jax.lax.fori_loop(0, n_used, body, out)
+  return out.astype(x.dtype)
+
+
+def _fwd(x, w, src, dst, tap, n_used, n_out):
+  return _forward(x, w, src, dst, tap, n_used, n_out), (x, w, src, dst, tap, n_used)
+
+
+def _bwd(n_out, res, g):
+  del n_out
+  x, w, src, dst, tap, n_used = res
+  dx = jnp.zeros(x.shape, jnp.float32)
+  dw = jnp.zeros(w.shape, jnp.float32)
+
+  def body(t, carry):
+    dx, dw = carry
+    gt = _rows(g, dst[t]).astype(x.dtype)  # [T, C_out]; zero on unused slots
+    xt = _rows(x, src[t])  # [T, C_in]
+    k = tap[t]
+    dx = dx.at[src[t]].add(_dot(gt, w[k].T), mode="drop", unique_indices=True)
+    dw = dw.at[k].add(_dot(xt.T, gt))
+    return dx, dw
+
+  dx, dw = jax.lax.fori_loop(0, n_used, body, (dx, dw))
+  return (dx.astype(x.dtype), dw.astype(w.dtype), None, None, None, None)
+
+
+tiled_pairs.defvjp(_fwd, _bwd)
+
+
+def flat_table(nbr, s_in):
+  """[V, S_out, K] per-view input rows -> [V*S_out, K] rows of the flat [V*S_in] input."""
+  v = nbr.shape[0]
+  base = (jnp.arange(v, dtype=jnp.int32) * s_in)[:, None, None]
+  return jnp.where(nbr >= 0, nbr + base, -1).reshape(-1, nbr.shape[-1])
+
+
+def conv_pairs(feats, weight, rulebook, tile: int = DEFAULT_TILE):
+  """Pair-compacted sparse convolution.
+
+  Args:
+    feats: [V, S_in, C_in]; weight: [K, C_in, C_out]; rulebook: tables.Rulebook.
+    tile: rows per tile (static). Smaller tiles waste fewer rows (at most
+      K * (tile - 1) padding rows in all), larger ones run faster GEMMs.
+
+  Returns:
+    [V, S_out, C_out]; rows with no pair (inactive outputs) are zero.
+  """
+  if tile < 1:
+    raise ValueError(f"tile must be a positive number of rows, got {tile}")
+  v, s_in, c_in = feats.shape
+  s_out = rulebook.nbr.shape[1]
+  nbr = flat_table(rulebook.nbr, s_in)
+  src, dst, tap, n_used = _plan(nbr, v * s_in, tile)
+  dtype = jnp.result_type(feats, weight)
+  out = tiled_pairs(feats.reshape(v * s_in, c_in).astype(dtype), weight.astype(dtype),
+                    src, dst, tap, n_used, v * s_out)
+  return out.reshape(v, s_out, weight.shape[-1])
+
+
+def count_pairs(rulebook) -> jax.Array:
+  """int32 []: real (input, output, tap) pairs of a rule book."""
+  return jnp.sum(rulebook.nbr >= 0, dtype=jnp.int32)
+
+
+__all__ = ["conv_pairs", "count_pairs", "tiled_pairs", "flat_table", "DEFAULT_TILE"]
