@@ -1,0 +1,268 @@
+"""The training program: sampling, the data-parallel step, checkpoints, resume, CLI."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gigassl_jax import bank as bank_lib
+from gigassl_jax import config as config_lib
+from gigassl_jax import data as data_lib
+from gigassl_jax import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# Bank (slides, naug, tiles, dim) and run shared by the tests of this module.
+SHAPE = (16, 3, 12, 32)
+STEPS, CKPT, BATCH = 10, 2, 8
+
+
+@pytest.fixture(scope="module")
+def bank_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp("bank")
+  return data_lib.make_synthetic_bank(d, *SHAPE, seed=int(np.random.default_rng().integers(1000)))
+
+
+def _cfg(bank, workdir, **kw):
+  base = dict(workdir=str(workdir), data_bank=str(bank), train_batch_size=BATCH,
+              train_steps=STEPS, train_ckpt_every=CKPT, train_log_every=1,
+              train_progress=False, optim_warmup_epochs=1.0, optim_base_lr=0.3)
+  base.update(kw)
+  return config_lib.Config(**base)
+
+
+def _env(devices):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def _cli(bank, workdir, *extra):
+  return [sys.executable, "-m", "gigassl_jax.train",
+          f"--flagfile={REPO / 'experiments/smoke.flags'}", f"--data_bank={bank}",
+          f"--workdir={workdir}", f"--train_batch_size={BATCH}", f"--train_steps={STEPS}",
+          f"--train_ckpt_every={CKPT}", "--train_log_every=1", "--optim_warmup_epochs=1",
+          "--optim_base_lr=0.3", *extra]
+
+
+def _losses(workdir):
+  recs = [json.loads(l) for l in (pathlib.Path(workdir) / train.METRICS).read_text().splitlines()]
+  return {r["step"]: r["loss"] for r in recs}
+
+
+@pytest.fixture(scope="module")
+def reference_run(bank_dir, tmp_path_factory):
+  """One uninterrupted in-process run on the 8 test devices."""
+  wd = tmp_path_factory.mktemp("ref")
+  last = train.run(_cfg(bank_dir, wd))
+  return wd, last
+
+
+# ------------------------------------------------------------- sampling ----
+
+
+def test_sampler_batches_are_epoch_permutations(bank_dir):
+  r = bank_lib.open_bank(bank_dir)
+  s = data_lib.ViewSampler(r, batch_size=4, tiles=5, seed=3)
+  assert s.steps_per_epoch == SHAPE[0] // 4
+  epoch0 = np.concatenate([s.slides(i) for i in range(s.steps_per_epoch)])
+  assert sorted(epoch0.tolist()) == list(range(SHAPE[0]))
+  epoch1 = np.concatenate([s.slides(s.steps_per_epoch + i) for i in range(s.steps_per_epoch)])
+  assert sorted(epoch1.tolist()) == list(range(SHAPE[0]))
+  assert not np.array_equal(epoch0, epoch1)  # reshuffled each epoch
+
+
+def test_sampler_views_come_from_the_drawn_records(bank_dir):
+  r = bank_lib.open_bank(bank_dir)
+  s = data_lib.ViewSampler(r, batch_size=4, tiles=7, seed=1)
+  b = s.local_batch(5)
+  assert b["feats"].shape == (4, 2, 7, SHAPE[3]) and b["feats"].dtype == np.float16
+  assert b["xy"].shape == (4, 2, 7, 2) and b["xy"].dtype == np.int32
+  for i, (pos, slide) in enumerate(zip(b["position"], b["slide"])):
+    aug, tiles = s.draws(5, int(pos))
+    for v in range(2):
+      emb, xy = r.get(int(slide), int(aug[v]))
+      np.testing.assert_array_equal(b["feats"][i, v], emb[tiles[v]])
+      np.testing.assert_array_equal(b["xy"][i, v], xy[tiles[v]])
+  # the two views are independent draws
+  assert not np.array_equal(b["feats"][:, 0], b["feats"][:, 1])
+
+
+def test_sampler_is_a_function_of_step_and_process_shares_concatenate(bank_dir):
+  r = bank_lib.open_bank(bank_dir)
+  whole = data_lib.ViewSampler(r, batch_size=8, tiles=5, seed=7).local_batch(3)
+  again = data_lib.ViewSampler(r, batch_size=8, tiles=5, seed=7).local_batch(3)
+  parts = [data_lib.ViewSampler(r, batch_size=8, tiles=5, seed=7, process_index=p,
+                                process_count=2).local_batch(3) for p in range(2)]
+  for k in whole:
+    np.testing.assert_array_equal(whole[k], again[k])
+    np.testing.assert_array_equal(whole[k], np.concatenate([p[k] for p in parts]))
+  other = data_lib.ViewSampler(r, batch_size=8, tiles=5, seed=7).local_batch(4)
+  assert not np.array_equal(whole["feats"], other["feats"])
+
+
+def test_sampler_rejects_batch_larger_than_bank(bank_dir):
+  r = bank_lib.open_bank(bank_dir)
+  with pytest.raises(ValueError, match="exceeds the 16 slides"):
+    data_lib.ViewSampler(r, batch_size=32, tiles=5, seed=0)
+
+
+def test_prefetcher_order_and_errors():
+  made = []
+
+  def make(step):
+    made.append(step)
+    if step == 4:
+      raise OSError("disk gone")
+    return step * 10
+
+  p = data_lib.Prefetcher(make, 2, 6, depth=2)
+  assert p.get(2) == 20 and p.get(3) == 30
+  with pytest.raises(RuntimeError, match="step 4 failed: disk gone"):
+    p.get(4)
+  p.close()
+  with pytest.raises(RuntimeError, match="expected"):
+    data_lib.Prefetcher(lambda s: s, 0, 3).get(1)
+
+
+def test_make_views_augments_per_position_not_per_device():
+  rng = np.random.default_rng()
+  xy = (rng.integers(0, 30, size=(6, 5, 2)) * 896).astype(np.int32)
+  feats = rng.normal(size=(6, 5, 4)).astype(np.float32)
+  cfg = train.coord_config(config_lib.Config())
+  key = jax.random.key(0)
+  make_views = jax.jit(data_lib.make_views, static_argnums=(4, 5))
+  full = make_views(key, xy, feats, jnp.arange(6), cfg, 224)
+  half = make_views(key, xy[3:], feats[3:], jnp.arange(3, 6), cfg, 224)
+  np.testing.assert_array_equal(full.coords[3:], half.coords)
+  np.testing.assert_allclose(full.feats[3:], half.feats)
+  # augmentation on: grids differ from the plain quantisation for some view
+  plain = make_views(key, xy, feats, jnp.arange(6),
+                              train.coord_config(config_lib.Config(
+                                  data_translate=False, data_rotate=False, data_flip=False,
+                                  data_scale=False)), 224)
+  assert not np.array_equal(plain.coords, full.coords)
+  # augmentation off: exactly quantised positions (pitch 896 = 4 cells)
+  np.testing.assert_array_equal(plain.coords[plain.mask] % 4, 0)
+
+
+# -------------------------------------------------------- the train step ---
+
+
+def _batch(rng, b, t, f):
+  return {"feats": rng.normal(size=(b, 2, t, f)).astype(np.float16),
+          "xy": (rng.integers(0, 12, size=(b, 2, t, 2)) * 896
+                 + rng.integers(0, 896, size=(b, 2, t, 2))).astype(np.int32),
+          "position": np.arange(b, dtype=np.int32)}
+
+
+def test_eight_device_step_equals_one_device_step():
+  rng = np.random.default_rng()
+  cfg = config_lib.Config(workdir="x", data_bank="x", model_in_features=32, train_seed=5)
+  model = train.build_model(cfg, 32, bn_axis_name=train.AXIS)
+  graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  batch = _batch(rng, 16, 5, 32)
+  outs = []
+  for n in (1, 8):
+    mesh = train.make_mesh(jax.devices()[:n])
+    step = train.make_grad_step(graphdef, cfg, mesh)
+    outs.append(jax.device_get(step(train.put_replicated(params, mesh),
+                                    train.put_replicated(stats, mesh), jnp.int32(3),
+                                    train.put_batch(batch, mesh))))
+  (l1, g1, s1, c1), (l8, g8, s8, c8) = outs
+  np.testing.assert_allclose(l8, l1, rtol=1e-5)
+  np.testing.assert_allclose(c8, c1, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g8), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(a, b, atol=2e-5 * float(np.abs(b).max()) + 1e-7)
+  assert any(float(np.abs(b).max()) > 0 for b in jax.tree.leaves(g1))
+  for a, b, old in zip(jax.tree.leaves(s8), jax.tree.leaves(s1), jax.tree.leaves(stats)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(b, old)  # the running statistics moved
+
+
+# ------------------------------------------------------------ full runs ----
+
+
+def test_run_writes_metrics_checkpoints_and_restores(reference_run):
+  wd, last = reference_run
+  recs = [json.loads(l) for l in (wd / train.METRICS).read_text().splitlines()]
+  assert [r["step"] for r in recs] == list(range(1, STEPS + 1))
+  for r in recs:
+    assert {"step", "loss", "lr", "views_per_s", "collapse"} <= set(r)
+    assert np.isfinite(r["loss"]) and 0 <= r["collapse"] <= 2
+  assert recs[0]["lr"] == 0.0 and max(r["lr"] for r in recs) > 0  # warm-up from 0
+  assert all(r["views_per_s"] > 0 for r in recs[1:])
+  assert (wd / "loss_curve.png").stat().st_size > 1000
+  assert list((wd / "tb").iterdir())
+  cfg = config_lib.read(wd)
+  assert cfg.model_in_features == SHAPE[3] and cfg.train_steps == STEPS
+  assert (wd / config_lib.FLAGS_TXT).read_text().count("--data_bank=") == 1
+  model, cfg2 = train.restore_model(wd)
+  assert cfg2 == cfg
+  rng = np.random.default_rng()
+  from gigassl_jax.sparse import maps
+  sm = maps.build_views((rng.integers(0, 9, size=(3, 5, 2)) * 224).astype(np.int32),
+                        rng.normal(size=(3, 5, SHAPE[3])).astype(np.float32))
+  rep, _ = model(sm)
+  assert rep.shape == (3, 512) and np.isfinite(np.asarray(rep)).all()
+  # eval mode: running statistics, so a view's representation is batch-independent
+  rep1, _ = model(jax.tree.map(lambda x: x[:1], sm))
+  np.testing.assert_allclose(rep1[0], rep[0], rtol=1e-5, atol=1e-6)
+  # the restored parameters are the trained ones, not a fresh initialisation
+  fresh = train.build_model(cfg, SHAPE[3])
+  assert not np.allclose(fresh.pool.b1_conv2.weight[...], model.pool.b1_conv2.weight[...])
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(bank_dir, tmp_path):
+  cfg = _cfg(bank_dir, tmp_path, loss_temperature=1e-38, train_steps=3)
+  with pytest.raises(train.NonFiniteLossError, match="at step 1"):
+    train.run(cfg)
+  assert not list((tmp_path / train.CKPT_DIR).glob("[0-9]*"))
+
+
+def test_killed_run_resumes_to_the_same_parameters(bank_dir, reference_run, tmp_path):
+  ref_wd, _ = reference_run
+  cmd = _cli(bank_dir, tmp_path)
+  proc = subprocess.Popen(cmd, env=_env(8), cwd=REPO, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE)
+  ckpt = tmp_path / train.CKPT_DIR
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if (ckpt / str(CKPT)).is_dir():  # orbax renames a finished checkpoint into place
+      break
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  done = sorted(int(p.name) for p in ckpt.glob("[0-9]*") if p.name.isdigit())
+  assert done and done[-1] < STEPS, f"the run was not killed mid-way (checkpoints {done})"
+  res = subprocess.run(cmd, env=_env(8), cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "resumed from the checkpoint of step" in res.stderr
+  ref_losses, got_losses = _losses(ref_wd), _losses(tmp_path)
+  assert got_losses == ref_losses  # bit-for-bit on CPU
+  m_ref, _ = train.restore_model(ref_wd)
+  m_got, _ = train.restore_model(tmp_path)
+  for a, b in zip(jax.tree.leaves(nnx.state(m_ref)), jax.tree.leaves(nnx.state(m_got))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_cli_rejects_bad_flags(tmp_path):
+  res = subprocess.run(
+      [sys.executable, "-m", "gigassl_jax.train", f"--workdir={tmp_path}",
+       "--data_bank=synthetic", "--loss_temperature=0"],
+      env=_env(1), cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert res.returncode != 0 and "--loss_temperature must be > 0" in res.stderr
+  res = subprocess.run(
+      [sys.executable, "-m", "gigassl_jax.train", f"--workdir={tmp_path}",
+       f"--data_bank={tmp_path / 'nope'}"],
+      env=_env(1), cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert res.returncode != 0 and "nope does not exist" in res.stderr
