@@ -123,12 +123,12 @@ def quantize(xy: jax.Array, valid: jax.Array, cell: int) -> jax.Array:
 
 
 def _check_views(xy, feats, valid, cell):
-  if xy.ndim != 3 or xy.shape[-1] != 2:
-    raise ValueError(f"tile coordinates must be [V, T, 2], got shape {xy.shape}")
-  if feats.ndim != 3 or feats.shape[:2] != xy.shape[:2]:
+  if np.ndim(xy) != 3 or np.shape(xy)[-1] != 2:
+    raise ValueError(f"tile coordinates must be [V, T, 2], got shape {np.shape(xy)}")
+  if np.ndim(feats) != 3 or np.shape(feats)[:2] != np.shape(xy)[:2]:
     raise ValueError(
-        f"tile features must be [V, T, C] matching coordinates {xy.shape[:2]}, "
-        f"got shape {feats.shape}")
+        f"tile features must be [V, T, C] matching coordinates {np.shape(xy)[:2]}, "
+        f"got shape {np.shape(feats)}")
   if int(cell) <= 0:
     raise ValueError(f"cell size must be a positive number of pixels, got {cell}")
   if not is_concrete(xy, feats, valid):
@@ -170,12 +170,11 @@ def build_views(xy, feats, valid=None, *, cell: int = 224) -> SparseMap:
   Returns:
     SparseMap with capacity S = T (there cannot be more sites than tiles).
   """
-  xy = jnp.asarray(xy)
-  feats = jnp.asarray(feats)
   if valid is None:
-    valid = jnp.ones(xy.shape[:2], bool)
-  valid = jnp.asarray(valid, bool)
+    valid = np.ones(np.shape(xy)[:2], bool)
+  # Checked before any conversion: int64 positions beyond int32 would wrap.
   _check_views(xy, feats, valid, cell)
+  xy, feats, valid = jnp.asarray(xy), jnp.asarray(feats), jnp.asarray(valid, bool)
   g = quantize(xy, valid, cell)
   return from_grid(g, feats, valid)
 
