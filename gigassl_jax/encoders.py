@@ -255,11 +255,27 @@ def _resnet18_random(seed: int) -> dict:
   return _resnet18_tree(folded)
 
 
+def _max_pool_3x3_s2(x):
+  """torch MaxPool2d(3, 2, padding=1) as the max of 9 strided slices.
+
+  Same result as lax.reduce_window, which XLA's CPU backend runs about 4x
+  slower than this fused elementwise form.
+  """
+  x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  ho, wo = (x.shape[1] - 3) // 2 + 1, (x.shape[2] - 3) // 2 + 1
+  y = None
+  for dy in range(3):
+    for dx in range(3):
+      tap = x[:, dy : dy + 2 * ho - 1 : 2, dx : dx + 2 * wo - 1 : 2, :]
+      y = tap if y is None else jnp.maximum(y, tap)
+  return y
+
+
 def resnet18_features(params: dict, images: jax.Array) -> jax.Array:
   """ResNet18 stem..layer3 + mean pool: [B, H, W, 3] in [0, 1] -> [B, 256]."""
   x = (images - jnp.asarray(IMAGENET_MEAN, images.dtype)) / jnp.asarray(IMAGENET_STD, images.dtype)
   x = jax.nn.relu(_conv(x, params["conv1"], 2, 3))
-  x = lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  x = _max_pool_3x3_s2(x)
   for layer, _, stride in _RESNET_STAGES:
     for i, blk in enumerate(params[layer]):
       s = stride if i == 0 else 1

@@ -81,7 +81,7 @@ def _torch_resnet18():
 def _compare_resnet(model, encoder):
   torch = pytest.importorskip("torch")
   rng = np.random.default_rng(_fresh_seed())
-  images = rng.random((3, 72, 88, 3), dtype=np.float32)  # non-square: catches H/W swaps
+  images = rng.random((3, 72, 90, 3), dtype=np.float32)  # non-square, odd maps: H/W swaps, padding
   with torch.inference_mode():
     want = model.trunk_features(torch.from_numpy(images)).numpy()
   got = np.asarray(encoder.apply(encoder.params, images))
