@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import jax
 
-from gigassl_jax.kernels.sparse_conv import dense, gather, pairs, pallas_gpu, reference
+from gigassl_jax.kernels.sparse_conv import dense, gather, pairs, pallas_gpu, pallas_tpu, reference
 
 IMPLEMENTATIONS = {
     "dense": dense.conv_dense,
@@ -19,6 +19,7 @@ IMPLEMENTATIONS = {
     "gather": gather.conv_gather,
     "pairs": pairs.conv_pairs,
     "pallas_gpu": pallas_gpu.conv_pallas_gpu,
+    "pallas_tpu": pallas_tpu.conv_pallas_tpu,
 }
 
 DEFAULT_BY_BACKEND = {"cpu": "gather", "gpu": "gather", "tpu": "gather"}

@@ -1,0 +1,267 @@
+"""Sparse-convolution implementations vs the dense oracle, spconv, and each other.
+
+One parameterized base runs every implementation (Pallas ones in interpret mode,
+where outputs and scratch buffers start as NaN, so an unwritten element fails):
+forward and gradients (features and weights) vs `dense` on fresh random
+inputs, for submanifold and strided convolutions on several site patterns, in
+float32 and bfloat16. Input padding rows are poisoned with NaN: no
+implementation may read them.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import pallas as pl
+
+from gigassl_jax.kernels.sparse_conv import api, dense, pairs, pallas_gpu, pallas_tpu, shapes
+from gigassl_jax.sparse import maps, tables
+
+IMPLS = ["reference", "gather", "pairs", "pallas_gpu", "pallas_tpu"]
+PALLAS = {"pallas_gpu", "pallas_tpu"}
+# Small blocks keep interpret mode fast (the grid is a loop there).
+OPTIONS = {"pallas_gpu": dict(block_m=16, block_n=16, block_k=16),
+           "pallas_tpu": dict(block_m=16), "pairs": dict(tile=8)}
+
+
+def _pattern(name, rng):
+  """(grid [V, T, 2], valid [V, T]) site patterns."""
+  if name == "isolated":  # training-like: a few tiles ~4 cells apart
+    g = rng.integers(0, 6, (6, 5, 2)) * 4 + rng.integers(0, 2, (6, 5, 2))
+    return g, np.ones((6, 5), bool)
+  if name == "duplicates":  # several tiles per cell, a view with one tile only
+    g = rng.integers(0, 3, (3, 10, 2))
+    valid = np.ones((3, 10), bool)
+    valid[2, 1:] = False
+    return g, valid
+  if name == "dense":  # a fully covered patch plus a far isolated site
+    a = np.stack(np.meshgrid(np.arange(5), np.arange(5), indexing="ij"), -1).reshape(-1, 2)
+    g = np.concatenate([a + 1, [[12, 9]]])[None]
+    return rng.permutation(g, axis=1), np.ones((1, 26), bool)
+  if name == "mixed":
+    return rng.integers(0, 7, (2, 24, 2)), rng.random((2, 24)) < 0.9
+  raise ValueError(name)
+
+
+def _inputs(pattern, kind, c_in, c_out, dtype, seed):
+  rng = np.random.default_rng(seed)
+  g, valid = _pattern(pattern, rng)
+  feats = rng.standard_normal(g.shape[:2] + (c_in,)).astype(np.float32)
+  smap = maps.from_grid(g, feats, valid)
+  rb = (tables.submanifold_rulebook(smap) if kind == "subm" else tables.strided_rulebook(smap))
+  w = rng.standard_normal((9, c_in, c_out)).astype(np.float32) / np.sqrt(9 * c_in)
+  ct = rng.standard_normal(rb.out_mask.shape + (c_out,)).astype(np.float32)
+  ct = ct * np.asarray(rb.out_mask)[..., None]
+  x = np.asarray(smap.feats)
+  # Round to the dtype first: the oracle then sees exactly the same numbers.
+  x = np.asarray(jnp.asarray(x, dtype).astype(jnp.float32))
+  w = np.asarray(jnp.asarray(w, dtype).astype(jnp.float32))
+  return x, w, ct, rb
+
+
+def _oracle(x, w, ct, rb):
+  f = functools.partial(dense.conv_dense, rulebook=rb)
+  with jax.default_matmul_precision("highest"):
+    out, vjp = jax.vjp(lambda a, b: f(a, b), jnp.asarray(x), jnp.asarray(w))
+    dx, dw = vjp(jnp.asarray(ct))
+  return np.asarray(out), np.asarray(dx), np.asarray(dw)
+
+
+def _close(ours, ref, tol, what):
+  ours = np.asarray(jnp.asarray(ours).astype(jnp.float32))
+  assert ours.shape == ref.shape, (what, ours.shape, ref.shape)
+  assert np.isfinite(ours).all(), f"{what}: non-finite values (unwritten or poisoned read)"
+  scale = max(float(np.abs(ref).max()), 1e-6)
+  err = float(np.abs(ours - ref).max())
+  assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol} x {scale:.3g}"
+
+
+def _run(impl, x, w, ct, rb, dtype):
+  """Forward and (dx, dw) of impl, with input padding rows set to NaN."""
+  xin = np.where(np.asarray(rb.in_mask)[..., None], x, np.nan)
+  opts = OPTIONS.get(impl, {})
+
+  @jax.jit
+  def go(a, b, c):
+    out, vjp = jax.vjp(lambda a, b: api.sparse_conv(a, b, rb, implementation=impl, **opts), a, b)
+    return (out,) + vjp(c.astype(out.dtype))
+
+  return go(jnp.asarray(xin, dtype), jnp.asarray(w, dtype), jnp.asarray(ct))
+
+
+CASES = [(p, k) for p in ("isolated", "duplicates", "dense", "mixed") for k in ("subm", "strided")]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_matches_dense_oracle(impl, dtype):
+  """Forward, d/dx and d/dw of every implementation vs the dense oracle."""
+  dtype = jnp.dtype(dtype)
+  tol = 2e-5 if dtype == jnp.float32 else 2e-2
+  if impl in PALLAS or dtype != jnp.float32:  # interpret mode is slow: fewer cases
+    cases = ([("isolated", "subm"), ("mixed", "strided")] if dtype == jnp.float32 else
+             [("mixed", "subm"), ("isolated", "strided")])
+  else:
+    cases = CASES
+  for i, (pattern, kind) in enumerate(cases):
+    seed = np.random.SeedSequence().entropy % 2**31  # fresh inputs every run
+    c_in, c_out = (16, 24) if impl in PALLAS else (5, 7)
+    x, w, ct, rb = _inputs(pattern, kind, c_in, c_out, dtype, seed)
+    out, dx, dw = _run(impl, x, w, ct, rb, dtype)
+    ref_out, ref_dx, ref_dw = _oracle(x, w, ct, rb)
+    what = f"{impl} {dtype.name} {pattern} {kind} seed={seed}"
+    _close(out, ref_out, tol, what + " forward")
+    # Padding input rows get no gradient: compare on active rows, require 0 elsewhere.
+    m = np.asarray(rb.in_mask)
+    _close(np.where(m[..., None], dx, 0), ref_dx, tol, what + " d/dx")
+    assert not np.asarray(jnp.abs(dx.astype(jnp.float32))[~m]).any(), what + " d/dx padding"
+    _close(dw, ref_dw, tol, what + " d/dw")
+    assert out.dtype == dtype and dx.dtype == dtype and dw.dtype == dtype
+
+
+def test_interpret_mode_poisons_unwritten_outputs():
+  """The premise of the Pallas tests: an unwritten output element reads NaN."""
+
+  def kernel(x_ref, o_ref):
+    @pl.when(pl.program_id(0) == 0)
+    def _():
+      o_ref[...] = x_ref[...]
+
+  x = jnp.ones((16, 8), jnp.float32)
+  out = pl.pallas_call(kernel, grid=(2,), in_specs=[pl.BlockSpec((8, 8), lambda i: (i, 0))],
+                       out_specs=pl.BlockSpec((8, 8), lambda i: (i, 0)),
+                       out_shape=jax.ShapeDtypeStruct((16, 8), jnp.float32),
+                       interpret=True)(x)
+  assert np.all(np.asarray(out[:8]) == 1) and np.isnan(np.asarray(out[8:])).all()
+
+
+@pytest.mark.parametrize("tile", [1, 3, 64])
+def test_pairs_any_tile_size(tile):
+  """Tiles smaller than a tap's pair count, not dividing it, or larger than all pairs."""
+  x, w, ct, rb = _inputs("mixed", "subm", 4, 6, jnp.float32, 7 + tile)
+  ref, _, ref_dw = _oracle(x, w, ct, rb)
+  f = jax.jit(lambda a, b: pairs.conv_pairs(a, b, rb, tile=tile))
+  _close(f(x, w), ref, 2e-5, f"tile={tile}")
+  dw = jax.grad(lambda b: jnp.sum(f(x, b) * ct))(jnp.asarray(w))
+  _close(dw, ref_dw, 2e-5, f"tile={tile} d/dw")
+
+
+def test_pairs_runs_only_real_pairs():
+  """The tile count follows the real pairs, not the static capacity."""
+  _, _, _, rb = _inputs("isolated", "subm", 4, 4, jnp.float32, 3)
+  nbr = pairs.flat_table(rb.nbr, rb.nbr.shape[1])
+  src, dst, tap, n_used = pairs._plan(nbr, nbr.shape[0], 4)
+  count = np.asarray(rb.nbr >= 0).reshape(-1, 9).sum(0)
+  assert int(n_used) == int(np.sum(-(-count // 4)))
+  assert int(n_used) < src.shape[0]
+  # Every real pair sits in exactly one slot of a tile of its own tap.
+  used_src = np.asarray(src[:int(n_used)])
+  used_dst = np.asarray(dst[:int(n_used)])
+  taps = np.repeat(np.asarray(tap[:int(n_used)]), 4)
+  real = used_dst.reshape(-1) < nbr.shape[0]
+  got = sorted(zip(used_dst.reshape(-1)[real], taps[real], used_src.reshape(-1)[real]))
+  want = sorted((o, k, int(nbr[o, k])) for o, k in zip(*np.nonzero(np.asarray(nbr) >= 0)))
+  assert [tuple(map(int, g)) for g in got] == want
+
+
+def test_api_rejects_bad_input():
+  x, w, _, rb = _inputs("mixed", "subm", 4, 6, jnp.float32, 0)
+  with pytest.raises(ValueError, match="valid: .*pairs"):
+    api.sparse_conv(x, w, rb, implementation="nope")
+  with pytest.raises(ValueError, match="input channels"):
+    api.sparse_conv(x[..., :3], w, rb, implementation="pairs")
+  with pytest.raises(ValueError, match="tile"):
+    api.sparse_conv(x, w, rb, implementation="pairs", tile=0)
+  assert api.resolve(None) in api.IMPLEMENTATIONS
+  assert set(api.DEFAULT_BY_BACKEND.values()) <= set(api.IMPLEMENTATIONS)
+
+
+def _sds(*arrays):
+  return [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays]
+
+
+@pytest.mark.parametrize("platform,impl", [("cuda", "pallas_gpu"), ("tpu", "pallas_tpu")])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lowering_for_accelerators(platform, impl, dtype):
+  """Forward + backward lower for the real backend (Triton / Mosaic TPU), default blocks."""
+  x, w, ct, rb = _inputs("mixed", "strided", 256, 512, jnp.float32, 1)
+  f = {"pallas_gpu": pallas_gpu.conv_pallas_gpu, "pallas_tpu": pallas_tpu.conv_pallas_tpu}[impl]
+
+  def loss(a, b):
+    return jnp.sum(f(a, b, rb, interpret=False).astype(jnp.float32) * ct)
+
+  args = _sds(jnp.asarray(x, dtype), jnp.asarray(w, dtype))
+  text = jax.jit(jax.grad(loss, (0, 1))).trace(*args).lower(
+      lowering_platforms=(platform,)).as_text()
+  marker = "triton" if platform == "cuda" else "tpu_custom_call"
+  assert text.count(marker) >= 2, f"expected forward and backward kernels for {platform}"
+
+
+@pytest.mark.parametrize("make", ["train", "slide"])
+def test_hash_and_sort_builders_agree(make):
+  if make == "train":
+    smap = shapes.train_views(seed=int(np.random.default_rng().integers(1 << 30)), views=32)
+  else:
+    smap = shapes.slide_sites(seed=int(np.random.default_rng().integers(1 << 30)), sites=500)
+  a = tables.submanifold_rulebook(smap, builder="sort")
+  b = tables.submanifold_rulebook(smap, builder="hash")
+  np.testing.assert_array_equal(a.nbr, b.nbr)
+  np.testing.assert_array_equal(a.nbr_t, b.nbr_t)
+  a = tables.strided_rulebook(smap, builder="sort")
+  b = tables.strided_rulebook(smap, builder="hash")
+  for f in ("nbr", "nbr_t", "out_coords", "out_mask"):
+    np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+
+
+def test_train_shape_is_nearly_isolated():
+  """Level-1 tiles at d = 224 land ~4 cells apart: few sites have a neighbour."""
+  smap = shapes.train_views(seed=int(np.random.default_rng().integers(1 << 30)), views=64)
+  rb = tables.submanifold_rulebook(smap)
+  n = int(smap.mask.sum())
+  assert 4 * 64 <= n <= 5 * 64  # duplicates are rare, never more than 5 per view
+  pairs_per_site = int((rb.nbr >= 0).sum()) / n
+  assert 1.0 <= pairs_per_site < 1.3
+  cells = shapes.tissue_blob(np.random.default_rng(), 777)
+  assert len({tuple(c) for c in cells.tolist()}) == 777
+
+
+# ------------------------------------------------------------- spconv peer --
+
+
+@pytest.mark.parametrize("kind", ["subm", "strided"])
+def test_matches_spconv(kind):
+  """Forward, d/dx and d/dw of `pairs` (and the oracle) vs spconv 2.x, 1 thread."""
+  torch = pytest.importorskip("torch")
+  pytest.importorskip("spconv")
+  from gigassl_jax.kernels.sparse_conv import peer  # noqa: PLC0415
+
+  torch.set_num_threads(1)  # spconv's CPU scatter-add races with 2 threads
+  seed = np.random.SeedSequence().entropy % 2**31
+  x, w, ct, rb = _inputs("mixed", kind, 8, 12, jnp.float32, seed)
+  conv = peer.subm_conv(8, 12) if kind == "subm" else peer.strided_conv(8, 12)
+  conv.weight.data[:] = peer.to_spconv_weight(w)
+  t = peer.sparse_tensor(rb.in_coords, x, rb.in_mask, requires_grad=True)
+  y = conv(t)
+  theirs = peer.to_padded(y, rb.out_coords, rb.out_mask)
+  ct_rows = peer.to_padded(y.replace_feature(torch.zeros_like(y.features)), rb.out_coords,
+                           rb.out_mask)  # only checks the site sets match
+  del ct_rows
+  # Cotangent in spconv's row order.
+  order = {tuple(r): i for i, r in enumerate(y.indices.numpy().tolist())}
+  g = np.zeros(tuple(y.features.shape), np.float32)
+  for v, s in zip(*np.nonzero(np.asarray(rb.out_mask))):
+    c = np.asarray(rb.out_coords)[v, s]
+    g[order[(int(v), int(c[0]), int(c[1]))]] = ct[v, s]
+  y.features.backward(torch.from_numpy(g))
+  dx_theirs = np.zeros_like(x)
+  dx_theirs[np.asarray(rb.in_mask)] = t.features.grad.numpy()
+  dw_theirs = conv.weight.grad.numpy().transpose(1, 2, 3, 0).reshape(9, 8, 12)
+
+  out, dx, dw = _run("pairs", x, w, ct, rb, jnp.float32)
+  for ours, ref, what in ((out, theirs, "forward"), (dx, dx_theirs, "d/dx"),
+                          (dw, dw_theirs, "d/dw")):
+    _close(ours, ref, 1e-4, f"pairs vs spconv {kind} {what} seed={seed}")
+  ref_out, _, _ = _oracle(x, w, ct, rb)
+  _close(ref_out, theirs, 1e-4, f"dense oracle vs spconv {kind}")
