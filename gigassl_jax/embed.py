@@ -307,6 +307,7 @@ def embed_slide(path: pathlib.Path, cfg: EmbedConfig, device: _Device, progress=
                 progress.update(cfg.n_tiles)
         emb = np.stack(feats)  # [Naug, Nt, F] float16
         meta = {
+            **_run_settings(cfg),
             "encoder": device.encoder.name,
             "weights_id": device.encoder.weights_id,
             "feature_dim": int(emb.shape[-1]),
@@ -319,7 +320,6 @@ def embed_slide(path: pathlib.Path, cfg: EmbedConfig, device: _Device, progress=
             "tile_size": plan.tile_size,
             "extent": plan.extent,
             "n_tissue_tiles": int(len(grid)),
-            "seed": cfg.seed,
             "augment": dataclasses.asdict(device.aug_cfg),
             "warnings": plan.warning or "",
         }
@@ -335,6 +335,35 @@ def embed_slide(path: pathlib.Path, cfg: EmbedConfig, device: _Device, progress=
 
 # --------------------------------------------------------------------------
 # The run.
+
+
+def _run_settings(cfg: EmbedConfig) -> dict:
+    """Settings that must agree between a bank's slides (stored in each slide's meta)."""
+    return {
+        "encoder": cfg.encoder, "n_aug": cfg.n_aug, "n_tiles": cfg.n_tiles,
+        "tile_size": cfg.tile_size, "seed": cfg.seed,
+        "target_mpp": slides_lib.target_mpp(cfg.magnification, cfg.mpp),
+        "fallback_level": cfg.fallback_level, "tissue_tolerance": cfg.tissue_tolerance,
+    }  # fmt: skip
+
+
+def check_compatible(bank: pathlib.Path, sids: list[str], cfg: EmbedConfig):
+    """Refuses to resume into a bank whose finished slides were made differently.
+
+    Raises:
+      ValueError: naming the slide file and the settings that differ.
+    """
+    want = _run_settings(cfg)
+    for sid in sids:
+        path = bank_lib.slide_path(bank, sid)
+        with np.load(path) as z:  # reads the small meta member only
+            meta = json.loads(str(z["meta"]))
+        diff = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
+        if diff:
+            raise ValueError(
+                f"{path} was made with other settings (stored, asked): {diff}; "
+                "rerun with the same flags or use a new --bank"
+            )
 
 
 def run(cfg: EmbedConfig) -> dict:
@@ -362,6 +391,7 @@ def run(cfg: EmbedConfig) -> dict:
     mine = shard(all_paths, num_shards, shard_index)
     todo = [p for p in mine if not bank_lib.is_finished(bank, slide_id(p))]
     skipped = [slide_id(p) for p in mine if p not in todo]
+    check_compatible(bank, skipped, cfg)
     done, failed = [], {}
     print(
         f"embed: {len(all_paths)} slides listed, shard {shard_index}/{num_shards}: {len(mine)}, "
@@ -438,7 +468,10 @@ def _define_flags():
     from absl import flags  # pylint: disable=import-outside-toplevel
 
     f = flags
-    f.DEFINE_string("slides", None, "Directory of slides (recursive), list file (.txt, one path a line) or comma-separated paths.")
+    f.DEFINE_string(
+        "slides", None,
+        "Directory of slides (recursive), list file (.txt, one path a line) or comma-separated paths.",
+    )  # fmt: skip
     f.DEFINE_string("bank", None, "Output bank directory.")
     f.DEFINE_integer("n_aug", 50, "Augmented batches per slide (Naug).")
     f.DEFINE_integer("n_tiles", 256, "Tiles per batch (Nt), drawn uniformly with replacement.")

@@ -116,6 +116,9 @@ def test_bad_inputs_recorded_and_bank_correct(mixed_dir, tmp_path):
     res2 = embed.run(cfg)
     assert sorted(res2["skipped"]) == ["aperio", "cmu", "generic", "nompp"] and not res2["done"]
     assert set(res2["failed"]) == set(reasons)
+    # Resuming with other settings is refused before any work.
+    with pytest.raises(ValueError, match=r"aperio.npz was made with other settings.*n_aug"):
+        embed.run(embed.EmbedConfig(slides=str(mixed_dir), bank=str(out), **dict(FLAGS, n_aug=2)))
 
 
 @pytest.fixture(scope="module")
