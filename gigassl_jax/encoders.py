@@ -100,6 +100,10 @@ def file_sha256(path: str | os.PathLike) -> str:
 # Shared layers (NHWC activations, HWIO kernels).
 
 
+# Convolutions with kh * kw * Cin at most this are computed as multiply-adds.
+_SMALL_CONTRACTION = 27
+
+
 def _same_pads(n: int, k: int, stride: int) -> tuple[int, int]:
   """TF "SAME" padding of one axis (the extra pixel goes after)."""
   total = max((-(-n // stride) - 1) * stride + k - n, 0)
@@ -112,15 +116,16 @@ def _conv(x, p, stride=1, padding="SAME", groups=1):
   x: [B, H, W, Cin]; p['w']: [kh, kw, Cin / groups, Cout]; p['b']: [Cout].
   """
   w = p["w"]
-  kh, kw = w.shape[:2]
+  kh, kw, cin = w.shape[:3]
+  if groups == 1 and kh * kw * cin <= _SMALL_CONTRACTION:
+    # Tiny contractions (EfficientNet's stem, K = 27; its first expansion,
+    # K = 16) run ~2x faster on CPU as fused multiply-adds than as matmuls.
+    return _conv_taps(x, w, stride, _padding(x, w, stride, padding)) + p["b"]
   if kh == kw == 1 and groups == 1:
     # A 1x1 convolution is a matmul over channels; XLA's CPU dot is faster
     # than its convolution here (and equal elsewhere).
     return jnp.dot(x[:, ::stride, ::stride, :], w[0, 0]) + p["b"]
-  if isinstance(padding, int):
-    padding = ((padding, padding), (padding, padding))
-  elif padding == "SAME":
-    padding = (_same_pads(x.shape[1], kh, stride), _same_pads(x.shape[2], kw, stride))
+  padding = _padding(x, w, stride, padding)
   if groups > 1 and groups == x.shape[-1] == w.shape[-1]:
     return _depthwise(x, w, stride, padding) + p["b"]
   y = lax.conv_general_dilated(
@@ -130,21 +135,45 @@ def _conv(x, p, stride=1, padding="SAME", groups=1):
   return y + p["b"]
 
 
+def _padding(x, w, stride, padding):
+  """int or "SAME" -> ((top, bottom), (left, right))."""
+  if isinstance(padding, int):
+    return ((padding, padding), (padding, padding))
+  if padding == "SAME":
+    return (_same_pads(x.shape[1], w.shape[0], stride), _same_pads(x.shape[2], w.shape[1], stride))
+  return padding
+
+
+def _taps(x, kh, kw, stride, padding):
+  """Yields (dy, dx, window) with window = the [B, Ho, Wo, C] input seen by tap (dy, dx)."""
+  x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+  ho = (x.shape[1] - kh) // stride + 1
+  wo = (x.shape[2] - kw) // stride + 1
+  for dy in range(kh):
+    for dx in range(kw):
+      yield dy, dx, x[:, dy : dy + (ho - 1) * stride + 1 : stride, dx : dx + (wo - 1) * stride + 1 : stride, :]
+
+
+def _conv_taps(x, w, stride, padding):
+  """Dense convolution as kh*kw*Cin broadcast multiply-adds (one fused loop)."""
+  y = None
+  for dy, dx, win in _taps(x, w.shape[0], w.shape[1], stride, padding):
+    for c in range(w.shape[2]):
+      term = win[..., c : c + 1] * w[dy, dx, c]
+      y = term if y is None else y + term
+  return y
+
+
 def _depthwise(x, w, stride, padding):
   """Depthwise convolution as kh*kw shifted multiply-adds: [B,H,W,C] -> [B,Ho,Wo,C].
 
   XLA fuses the taps into one elementwise loop, which on CPU runs about 5x
   faster than its grouped convolution (feature_group_count = C).
   """
-  kh, kw = w.shape[:2]
-  x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-  ho = (x.shape[1] - kh) // stride + 1
-  wo = (x.shape[2] - kw) // stride + 1
   y = None
-  for dy in range(kh):
-    for dx in range(kw):
-      tap = x[:, dy : dy + (ho - 1) * stride + 1 : stride, dx : dx + (wo - 1) * stride + 1 : stride, :] * w[dy, dx, 0]
-      y = tap if y is None else y + tap
+  for dy, dx, win in _taps(x, w.shape[0], w.shape[1], stride, padding):
+    term = win * w[dy, dx, 0]
+    y = term if y is None else y + term
   return y
 
 
