@@ -30,7 +30,7 @@ import sys
 import time
 
 # Sizes of the default demo and of --quick (tests, a first look in ~1 minute).
-FULL = dict(n_per_class=16, grid=10, n_aug=4, n_tiles=32, batch=16, steps=120,
+FULL = dict(n_per_class=16, grid=10, n_aug=4, n_tiles=24, batch=16, steps=80,
             n_views=100, folds=4, repeats=5, subsets=("full", "8"))
 QUICK = dict(n_per_class=4, grid=6, n_aug=2, n_tiles=8, batch=8, steps=3,
              n_views=4, folds=2, repeats=1, subsets=("full",))
@@ -220,7 +220,7 @@ def main(argv=None):
                                description="Giga-SSL end to end on bundled real tissue.")
   ap.add_argument("--out", default="gigassl_demo", help="output folder (default: %(default)s)")
   ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of ~1 minute")
-  ap.add_argument("--steps", type=int, help="training steps (default 120; quick 3)")
+  ap.add_argument("--steps", type=int, help="training steps (default 80; quick 3)")
   ap.add_argument("--n_per_class", type=int, help="slides per class (default 16)")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--no_progress", action="store_true", help="no progress bars")

@@ -85,18 +85,34 @@ def _pool_fn(pool, cell: int):
   import jax  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
-  from gigassl_jax.sparse import maps  # pylint: disable=import-outside-toplevel
-
   pool.eval()  # BN with running statistics: a slide's vector never depends on its batch
   graphdef, state = nnx.split(pool)
+  state = jax.device_put(state)
+  return lambda xy, feats, valid: np.asarray(
+      _apply(graphdef, state, xy, feats, valid, cell), np.float32)
 
-  @jax.jit
-  def f(state, xy, feats, valid):
-    net = nnx.merge(graphdef, state)
-    smap = maps.from_grid(maps.quantize(xy, valid, cell), feats, valid)
-    return net(smap)
 
-  return lambda xy, feats, valid: np.asarray(f(state, xy, feats, valid), np.float32)
+def _apply_impl(graphdef, state, xy, feats, valid, cell):
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  from gigassl_jax.sparse import maps  # pylint: disable=import-outside-toplevel
+
+  net = nnx.merge(graphdef, state)
+  smap = maps.from_grid(maps.quantize(xy, valid, cell), feats, valid)
+  return net(smap)
+
+
+_APPLY = None
+
+
+def _apply(graphdef, state, xy, feats, valid, cell):
+  """One jitted function for every encode call: same architecture and shapes compile once."""
+  global _APPLY
+  if _APPLY is None:
+    import jax  # pylint: disable=import-outside-toplevel
+
+    _APPLY = jax.jit(_apply_impl, static_argnames=("graphdef", "cell"))
+  return _APPLY(graphdef, state, xy, feats, valid, cell=cell)
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
