@@ -265,3 +265,18 @@ def test_matches_spconv(kind):
     _close(ours, ref, 1e-4, f"pairs vs spconv {kind} {what} seed={seed}")
   ref_out, _, _ = _oracle(x, w, ct, rb)
   _close(ref_out, theirs, 1e-4, f"dense oracle vs spconv {kind}")
+
+
+@pytest.mark.parametrize("kind", ["subm", "strided"])
+def test_window_sum_matches_oracle(kind):
+  """window_sum (average pooling's numerator) = the dense conv with identity taps."""
+  seed = np.random.SeedSequence().entropy % 2**31
+  x, _, _, rb = _inputs("mixed", kind, 3, 3, jnp.float32, seed)
+  eye = np.broadcast_to(np.eye(3, dtype=np.float32), (9, 3, 3))
+  ct = np.random.default_rng(seed).standard_normal(rb.out_mask.shape + (3,)).astype(np.float32)
+  ref, ref_dx, _ = _oracle(x, eye, ct * np.asarray(rb.out_mask)[..., None], rb)
+  xin = np.where(np.asarray(rb.in_mask)[..., None], x, np.nan)
+  out, vjp = jax.vjp(lambda a: pairs.window_sum(a, rb), jnp.asarray(xin))
+  _close(out, ref, 1e-5, f"window_sum {kind} seed={seed}")
+  (dx,) = vjp(jnp.asarray(ct * np.asarray(rb.out_mask)[..., None]))
+  _close(np.where(np.asarray(rb.in_mask)[..., None], dx, 0), ref_dx, 1e-5, "window_sum d/dx")
