@@ -94,7 +94,7 @@ def _train_config(cfg: DemoConfig, bank: pathlib.Path, workdir: pathlib.Path):
   return config_lib.Config(
       workdir=str(workdir), data_bank=str(bank), train_batch_size=cfg.batch,
       train_steps=cfg.steps, optim_warmup_epochs=max(cfg.steps / 10, 1) / steps_per_epoch,
-      train_log_every=max(1, min(10, cfg.steps // 10)), train_ckpt_every=cfg.steps,
+      train_log_every=1, train_ckpt_every=cfg.steps,
       train_seed=cfg.seed, train_progress=cfg.progress, data_read_threads=2).validate()
 
 
