@@ -14,6 +14,9 @@ PyTorch runs on the CPU, channels_last, under torch.inference_mode: once with
 its batch norms folded into the convolutions (torch.nn.utils.fusion), as the JAX
 encoder does (the strongest eager baseline), and also as the plain eval-mode
 network with its BatchNorm modules (the configuration of the issue's anchor).
+OMP_WAIT_POLICY=PASSIVE by default (see --omp_passive). Besides wall-clock
+tiles/s, the table gives the process CPU time per tile, which stays meaningful
+when other jobs share the cores.
 
   python benchmarks/bench_encoder.py --encoders=resnet18,efficientnet_lite0 \
       --batch_sizes=4,16,64 --repeats=7 --out=experiments/results/encoder_throughput.md
@@ -40,6 +43,10 @@ _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["4", "16", "64"], "Tiles per ca
 _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed rounds per (encoder, batch size), after one warm-up.")
 _TILE = flags.DEFINE_integer("tile_size", 224, "Tile side in pixels.")
 _TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads; 0 = number of CPUs.")
+_OMP_PASSIVE = flags.DEFINE_bool(
+    "omp_passive", True,
+    "Set OMP_WAIT_POLICY=PASSIVE for PyTorch (unless already set): on a shared machine its spinning "
+    "OpenMP threads otherwise slow it down by up to 10x whenever another process runs.")
 _OUT = flags.DEFINE_string("out", None, "Write the results as a Markdown file here (atomically).")
 
 
@@ -211,9 +218,10 @@ def _build(torch, name, tmpdir):
 
 
 def _time(fn):
-  t = time.perf_counter()
+  """-> (wall seconds, CPU seconds of this process) of one call."""
+  t, c = time.perf_counter(), time.process_time()
   fn()
-  return time.perf_counter() - t
+  return time.perf_counter() - t, time.process_time() - c
 
 
 def _measure(torch, name, batch, tmpdir):
@@ -234,10 +242,12 @@ def _measure(torch, name, batch, tmpdir):
     for _ in range(_REPEATS.value):
       for k, run in runs.items():
         times[k].append(_time(run))
-  t = {k: np.array(v) for k, v in times.items()}
+  t = {k: np.array([w for w, _ in v]) for k, v in times.items()}
+  cpu = {k: np.array([c for _, c in v]) for k, v in times.items()}
   return {
       "encoder": name, "batch": batch, "rel_err": rel_err,
       **{k: batch / np.median(v) for k, v in t.items()},
+      **{f"{k}_cpu_ms": 1000 * np.median(v) / batch for k, v in cpu.items()},
       "ratio": float(np.median(t["torch"] / t["jax"])),
       "ratio_folded": float(np.median(t["torch_folded"] / t["jax"])),
   }
@@ -246,23 +256,27 @@ def _measure(torch, name, batch, tmpdir):
 def main(argv):
   del argv
   warnings.simplefilter("ignore", UserWarning)
+  if _OMP_PASSIVE.value:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch loads libgomp
   import torch  # pylint: disable=g-import-not-at-top
 
   torch.set_num_threads(_TORCH_THREADS.value or os.cpu_count())
   cpu = _cpu_name()
   device = f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}"
   print(f"# {cpu}, {os.cpu_count()} CPUs; JAX {jax.__version__} on {device}; torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+        f"({torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}); "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; load average {os.getloadavg()[0]:.1f}")
   header = ("| encoder | batch | JAX tiles/s | PyTorch tiles/s | PyTorch BN-folded tiles/s | "
-            "JAX / PyTorch | JAX / PyTorch BN-folded | max rel. diff |")
-  rows = [header, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+            "JAX / PyTorch | JAX / PyTorch BN-folded | CPU ms/tile JAX, PyTorch, folded | max rel. diff |")
+  rows = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
   print(header)
   with tempfile.TemporaryDirectory() as tmpdir:
     for name in _ENCODERS.value:
       for batch in (int(b) for b in _BATCH_SIZES.value):
         r = _measure(torch, name, batch, tmpdir)
         row = (f"| {r['encoder']} | {r['batch']} | {r['jax']:.1f} | {r['torch']:.1f} | {r['torch_folded']:.1f} | "
-               f"{r['ratio']:.2f}x | {r['ratio_folded']:.2f}x | {r['rel_err']:.1e} |")
+               f"{r['ratio']:.2f}x | {r['ratio_folded']:.2f}x | "
+               f"{r['jax_cpu_ms']:.0f}, {r['torch_cpu_ms']:.0f}, {r['torch_folded_cpu_ms']:.0f} | {r['rel_err']:.1e} |")
         rows.append(row)
         print(row, flush=True)
   if _OUT.value:
@@ -275,7 +289,10 @@ def main(argv):
         f"- {_TILE.value} x {_TILE.value} random tiles; median of {_REPEATS.value} rounds after one warm-up; each "
         "round times JAX then PyTorch back to back; ratio = median of per-round ratios.",
         "- PyTorch: same weights, CPU, channels_last, torch.inference_mode; once as the plain eval-mode "
-        "network (BN modules) and once with BN folded into the convs (as the JAX encoder does).",
+        "network (BN modules) and once with BN folded into the convs (as the JAX encoder does); "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}.",
+        "- CPU ms/tile = process CPU time per tile (both cores summed): the work each needs, "
+        "less sensitive than wall time to the other jobs sharing the machine.",
         f"- load average at the end: {' '.join(f'{v:.1f}' for v in os.getloadavg())} (other jobs share the 2 cores; "
         "PyTorch's OpenMP threads suffer more from that than XLA's).",
         "", *rows, "",
