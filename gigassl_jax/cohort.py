@@ -15,7 +15,9 @@ The two classes differ in composition AND arrangement, visibly in thumbnails:
 * ``stroma_rich``: tumour covers 15-45 % of the tissue, in many small foci;
 * ``tumour_rich``: tumour covers 30-60 % of the tissue, in a few large nests.
 
-The fractions overlap on purpose, so the task is not trivially separable.
+The fractions overlap on purpose, so the task is not trivially separable. Each
+slide also gets its own stain (a per-channel gain of 1 +- 0.12 on the tissue),
+independent of the label, as slides of different patients differ.
 These labels are synthetic: they say how the slide was composed, nothing about
 a diagnosis. Level 0 is written at 1.0 um/pixel (10x), so the default
 embedding reads 224-pixel tiles from it without resampling (the source images'
@@ -45,6 +47,8 @@ _CLASS_PARAMS = {
     "tumour_rich": dict(fraction=(0.30, 0.60), blob_cells=2.0),
 }
 _GLASS = np.array([242, 240, 244], np.float32)
+# Per-slide stain variation: each RGB channel of the tissue scaled by 1 +- this.
+STAIN_VARIATION = 0.12
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +158,9 @@ def render_slide(rng: np.random.Generator, label: str, textures: dict, grid: int
   stroma_img = _quilt(rng, textures["stroma"], side, side)
   tumour_img = _quilt(rng, textures["tumour"], side, side)
   img = np.where(tumour_px[..., None], tumour_img, stroma_img).astype(np.float32)
+  # Each slide its own stain batch (per-channel gain), as slides of different
+  # patients and days differ: it is what tells two slides apart, not the label.
+  img *= rng.uniform(1.0 - STAIN_VARIATION, 1.0 + STAIN_VARIATION, 3).astype(np.float32)
   # Glass with a little noise (a flat background leaves Otsu nothing to split).
   glass = _GLASS + rng.normal(0, 2.0, (side, side, 1)).astype(np.float32)
   img = np.where(tissue_px[..., None], img, glass)
@@ -254,7 +261,7 @@ def contact_sheet(thumbs: list, path, per_row: int = 6) -> pathlib.Path:
     r += -(-len(items) // per_row)
   fig.suptitle("demo cohort (synthetic labels): tumour texture in small foci (stroma_rich) "
                "vs large nests (tumour_rich)", fontsize=9)
-  fig.tight_layout()
+  fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (2.9 * n_rows)))
   path = pathlib.Path(path)
   tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
   fig.savefig(tmp, dpi=100)

@@ -89,10 +89,10 @@ def test_quick_demo_end_to_end(tmp_path):
     assert (out / name).is_file(), name
   assert len(list((out / "thumbnails").glob("demo_*.png"))) == 8
   rows = {r["method"]: r for r in res["rows"]}
-  assert set(rows) == {"gigassl", "mean_tiles", "random_init"}
+  assert set(rows) == {"gigassl", "mean_tiles", "random_init", "gigassl (all tiles)"}
   for r in rows.values():
     assert r["n_splits"] == 2 and 0.0 <= r["auc_mean"] <= 1.0
-  for m in rows:
+  for m in ("gigassl", "mean_tiles", "random_init", "gigassl_all_tiles"):
     z = np.load(out / "reps" / f"{m}.npz")
     assert len(z["ids"]) == 8 and np.isfinite(z["reps"]).all()
   assert set(res["times"]) == {"cohort", "embed", "train", "encode", "evaluate"}
