@@ -287,7 +287,7 @@ def main(argv):
         f"torch {torch.__version__} with {torch.get_num_threads()} threads",
         f"- command: `{' '.join(['python', *sys.argv])}`" + (f" with `XLA_FLAGS={os.environ['XLA_FLAGS']}`" if os.environ.get("XLA_FLAGS") else ""),
         f"- {_TILE.value} x {_TILE.value} random tiles; median of {_REPEATS.value} rounds after one warm-up; each "
-        "round times JAX then PyTorch back to back; ratio = median of per-round ratios.",
+        "round times JAX, PyTorch and PyTorch BN-folded back to back; ratio = median of per-round ratios.",
         "- PyTorch: same weights, CPU, channels_last, torch.inference_mode; once as the plain eval-mode "
         "network (BN modules) and once with BN folded into the convs (as the JAX encoder does); "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}.",
