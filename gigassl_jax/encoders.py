@@ -21,7 +21,6 @@ adds and activations.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import os
 import warnings
@@ -183,7 +182,8 @@ def _fold_bn(w_oihw: np.ndarray, sd: dict, bn: str, eps: float, path: str) -> di
   Returns {'w': HWIO float32, 'b': [O] float32}; computed in float64 so the
   fold adds no rounding beyond the final cast.
   """
-  g, beta, mean, var = (_get(sd, f"{bn}.{k}", path) for k in ("weight", "bias", "running_mean", "running_var"))
+  cout = (w_oihw.shape[0],)
+  g, beta, mean, var = (_get(sd, f"{bn}.{k}", path, cout) for k in ("weight", "bias", "running_mean", "running_var"))
   scale = g.astype(np.float64) / np.sqrt(var.astype(np.float64) + eps)
   w = w_oihw.astype(np.float64) * scale[:, None, None, None]
   b = beta.astype(np.float64) - mean.astype(np.float64) * scale
