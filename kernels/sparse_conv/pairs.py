@@ -115,19 +115,19 @@ def _fwd(x, w, src, dst, tap, n_used, n_out):
 def _bwd(n_out, res, g):
   del n_out
   x, w, src, dst, tap, n_used = res
-  dx = jnp.zeros(x.shape, jnp.float32)
-  dw = jnp.zeros(w.shape, jnp.float32)
 
-  def body(t, carry):
-    dx, dw = carry
+  # Two loops, so that XLA drops the dx loop when the input needs no gradient
+  # (the pooling network's first conv: tile embeddings are frozen).
+  def dx_body(t, dx):
     gt = _rows(g, dst[t]).astype(x.dtype)  # [T, C_out]; zero on unused slots
-    xt = _rows(x, src[t])  # [T, C_in]
-    k = tap[t]
-    dx = dx.at[src[t]].add(_dot(gt, w[k].T), mode="drop", unique_indices=True)
-    dw = dw.at[k].add(_dot(xt.T, gt))
-    return dx, dw
+    return dx.at[src[t]].add(_dot(gt, w[tap[t]].T), mode="drop", unique_indices=True)
 
-  dx, dw = jax.lax.fori_loop(0, n_used, body, (dx, dw))
+  def dw_body(t, dw):
+    gt = _rows(g, dst[t]).astype(x.dtype)
+    return dw.at[tap[t]].add(_dot(_rows(x, src[t]).T, gt))
+
+  dx = jax.lax.fori_loop(0, n_used, dx_body, jnp.zeros(x.shape, jnp.float32))
+  dw = jax.lax.fori_loop(0, n_used, dw_body, jnp.zeros(w.shape, jnp.float32))
   return (dx.astype(x.dtype), dw.astype(w.dtype), None, None, None, None)
 
 
