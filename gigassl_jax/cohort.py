@@ -195,7 +195,8 @@ def write_pyramid(path, rgb: np.ndarray, *, mpp: float = 1.0, app_mag: float = 1
         kwargs["description"] = (
             f"Aperio Image Library v10.0.50\r\n{w}x{h} [0,0 {w}x{h}] ({tile}x{tile}) "
             f"JPEG/RGB Q=90|AppMag = {app_mag:g}|MPP = {mpp:g}")
-      tw.write(level, tile=(tile, tile), photometric="rgb", compression="jpeg", compressionargs={"level": 90},
+      tw.write(level, tile=(tile, tile), photometric="rgb", compression="jpeg",
+               compressionargs={"level": 90},
                subfiletype=0 if k == 0 else 1, metadata=None, **kwargs)
   os.replace(tmp, path)
   return path

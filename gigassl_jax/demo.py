@@ -1,4 +1,4 @@
-"""The whole system on bundled real tissue, in minutes on a laptop CPU: `python -m gigassl_jax.demo`.
+"""The whole system on bundled real tissue, in minutes on a CPU: `python -m gigassl_jax.demo`.
 
     python -m gigassl_jax.demo [--out=gigassl_demo] [--quick]
 
@@ -170,7 +170,8 @@ def run(cfg: DemoConfig) -> dict:
   total = st.total()
   _write_summary(out, cfg, ev["markdown"], st.times, total)
   print("\n" + ev["markdown"])
-  print(f"\ndemo: done in {total:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in st.times.items())})")
+  stages = ", ".join(f"{k} {v:.0f} s" for k, v in st.times.items())
+  print(f"\ndemo: done in {total:.0f} s ({stages})")
   print(f"demo: everything is in {out}  (README.md, results.md, cohort.png, thumbnails/, "
         "pca.png, loss.png)")
   return {"table": ev["markdown"], "rows": ev["rows"], "out": out, "times": st.times,

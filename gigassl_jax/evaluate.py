@@ -342,10 +342,12 @@ def run(reps_paths: list, labels_path, splits_dir=None, out_dir=None, *, folds: 
                  for r in reps_list]
   labels = splits_lib.load_labels(labels_path)
   splits = splits_lib.load_splits(splits_dir) if splits_dir else None
-  labels, splits = splits_lib.check_inputs(reps_list, labels, str(labels_path), splits, drop_missing)
+  labels, splits = splits_lib.check_inputs(reps_list, labels, str(labels_path), splits,
+                                           drop_missing)
   if splits is None:
     splits = splits_lib.kfold_splits(list(labels), labels, folds, subsets, seed, repeats)
-    labels, splits = splits_lib.check_inputs(reps_list, labels, str(labels_path), splits, drop_missing)
+    labels, splits = splits_lib.check_inputs(reps_list, labels, str(labels_path), splits,
+                                             drop_missing)
   records = evaluate(reps_list, labels, splits, progress)
   rows = summarize(records)
   md = markdown_table(rows)

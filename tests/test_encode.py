@@ -1,4 +1,4 @@
-"""Encoding slides: ensemble draws, eval-mode pooling, all-tiles maps, baselines, the CLI contract."""
+"""Encoding: ensemble draws, eval-mode pooling, all-tiles maps, baselines, the run contract."""
 
 import json
 
