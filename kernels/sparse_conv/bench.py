@@ -27,6 +27,7 @@ relative to the same-FLOP GEMM (1 = at the compute limit).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -41,21 +42,33 @@ from flax import nnx
 
 from gigassl_jax import models
 from gigassl_jax.kernels.sparse_conv import api, pairs, shapes
-from gigassl_jax.sparse import maps, tables
+from gigassl_jax.sparse import layers, maps, tables
 
 SKIP = {"dense"}
 BACKEND_ONLY = {"pallas_gpu": "gpu", "pallas_tpu": "tpu"}
 
 
-def _time(fn, repeats):
-  """Median seconds of `repeats` calls after one warm-up call."""
-  jax.block_until_ready(fn())
-  ts = []
+def _block(fn):
+  return jax.block_until_ready(fn())
+
+
+def _time_interleaved(arms, repeats):
+  """Median seconds per (arm, pass), the arms timed in turn within each round.
+
+  This machine is shared and its load drifts: interleaving gives every arm the
+  same conditions, so ratios measured in one run are comparable.
+
+  Args:
+    arms: {name: {pass: callable}}, each callable already warmed up.
+  """
+  times = {(a, p): [] for a, passes in arms.items() for p in passes}
   for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    ts.append(time.perf_counter() - t)
-  return statistics.median(ts)
+    for a, passes in arms.items():
+      for p, fn in passes.items():
+        t = time.perf_counter()
+        _block(fn)
+        times[(a, p)].append(time.perf_counter() - t)
+  return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _device():
@@ -99,12 +112,24 @@ def block_flops(smap, c_in, c):
 # ------------------------------------------------------------------- JAX ----
 
 
-def _jax_block(impl, shape, builder, repeats, ct_seed=0):
+@contextlib.contextmanager
+def _window_sum_pool():
+  """layers.avg_pool computed with pairs.window_sum (the proposed fast path)."""
+  old = layers.avg_pool
+  layers.avg_pool = lambda feats, rb: pairs.window_sum(feats, rb) / rb.taps
+  try:
+    yield
+  finally:
+    layers.avg_pool = old
+
+
+def _jax_block(impl, shape, builder, window_sum_pool=False):
+  """{pass: warmed-up callable} of the whole pooling network."""
   net = models.PoolingNet(shape.c_in, shape.c_out, conv_impl=impl, table_builder=builder,
                           rngs=nnx.Rngs(0))
   gdef, params, rest = nnx.split(net, nnx.Param, ...)
   smap = shape.smap
-  ct = jnp.asarray(np.random.default_rng(ct_seed).standard_normal(
+  ct = jnp.asarray(np.random.default_rng(0).standard_normal(
       (smap.num_views, 4 * smap.capacity, shape.c_out)).astype(np.float32))
 
   def loss(params, rest, smap):
@@ -113,25 +138,34 @@ def _jax_block(impl, shape, builder, repeats, ct_seed=0):
     feats = nnx.merge(gdef, params, rest).sites(smap).feats
     return jnp.sum(feats * ct)
 
-  fwd = jax.jit(lambda p, r, s: nnx.merge(gdef, p, r).sites(s).feats)
+  fwd = jax.jit(lambda p, r, s: nnx.merge(gdef, p, jax.tree.map(jnp.asarray, r)).sites(s).feats)
   fb = jax.jit(jax.grad(loss))
-  return {"fwd": _time(lambda: fwd(params, rest, smap), repeats),
-          "fwd_bwd": _time(lambda: fb(params, rest, smap), repeats)}
+  fns = {"fwd": lambda: fwd(params, rest, smap), "fwd_bwd": lambda: fb(params, rest, smap)}
+  with _window_sum_pool() if window_sum_pool else contextlib.nullcontext():
+    for f in fns.values():  # compile (traced with the pooling in force)
+      _block(f)
+  return fns
 
 
-def _jax_conv(impl, x, w, rb, passes, repeats):
-  f = functools.partial(api.sparse_conv, rulebook=rb, implementation=impl)
+def _jax_conv(impl, x, w, rb, passes):
+  # The rule book is an argument, not a constant: its per-call preprocessing
+  # (e.g. the pair plan) is timed, and XLA cannot fold it at compile time.
+  def f(x, w, rb):
+    return api.sparse_conv(x, w, rb, implementation=impl)
+
   ct = jnp.ones(rb.out_mask.shape + (w.shape[-1],), x.dtype)
-  res = {"fwd": _time(functools.partial(jax.jit(f), x, w), repeats)}
+  fns = {"fwd": functools.partial(jax.jit(f), x, w, rb)}
   if "fwd_bwd" in passes:
-    g = jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w) * ct), (0, 1)))
-    res["fwd_bwd"] = _time(functools.partial(g, x, w), repeats)
-  return res
+    g = jax.jit(jax.grad(lambda x, w, rb: jnp.sum(f(x, w, rb) * ct), (0, 1)))
+    fns["fwd_bwd"] = functools.partial(g, x, w, rb)
+  for fn in fns.values():
+    _block(fn)
+  return fns
 
 
-def _gemm(flops, c_in, c_out, passes, repeats):
-  """Time of dense GEMMs [M, c_in] @ [c_in, c_out] doing `flops[pass]` FLOPs."""
-  res = {}
+def _gemm(flops, c_in, c_out, passes):
+  """Dense GEMMs [M, c_in] @ [c_in, c_out] doing `flops[pass]` FLOPs."""
+  fns = {}
   rng = np.random.default_rng(0)
   w = jnp.asarray(rng.standard_normal((c_in, c_out)).astype(np.float32))
   for p in passes:
@@ -141,45 +175,43 @@ def _gemm(flops, c_in, c_out, passes, repeats):
       f = jax.jit(lambda x, w: x @ w)
     else:
       f = jax.jit(jax.grad(lambda x, w: jnp.sum(x @ w), (0, 1)))
-    res[p] = _time(functools.partial(f, x, w), repeats)
-  return res
+    fns[p] = functools.partial(f, x, w)
+    _block(fns[p])
+  return fns
 
 
-def _builders(shape, repeats):
-  res = {}
-  for b in tables.BUILDERS:
-    if shape.block:
-      f = jax.jit(lambda s, b=b: _block_geometry(s, b))
-    else:
-      f = jax.jit(lambda s, b=b: tables.submanifold_rulebook(s, builder=b))
-    res[b] = _time(lambda f=f: f(shape.smap), repeats)
-  return res
+def _builder(shape, b):
+  if shape.block:
+    f = jax.jit(lambda s: _block_geometry(s, b))
+  else:
+    f = jax.jit(lambda s: tables.submanifold_rulebook(s, builder=b))
+  fn = functools.partial(f, shape.smap)
+  _block(fn)
+  return {"build": fn}
 
 
 # ------------------------------------------------------------------ spconv --
 
 
-def _spconv(shape, passes, repeats, threads):
+def _spconv(shape, passes, threads):
+  """{pass: warmed-up callable} running the spconv peer with `threads` torch threads."""
   import torch  # noqa: PLC0415  (peer only)
 
   from gigassl_jax.kernels.sparse_conv import peer  # noqa: PLC0415
 
-  torch.set_num_threads(threads)
   smap = shape.smap
   coords, feats, mask = (np.asarray(a) for a in (smap.coords, smap.feats, smap.mask))
-  res = {}
   if shape.block:
     blk = peer.PoolingBlock(shape.c_in, shape.c_out)
-    for p in blk.parameters():
-      p.requires_grad_(True)
 
     def fwd():
       with torch.no_grad():
         return blk(peer.sparse_tensor(coords, feats, mask)).features
 
     def fb():
+      blk.zero_grad(set_to_none=True)
       y = blk(peer.sparse_tensor(coords, feats, mask)).features
-      (y * 1.0).sum().backward()
+      y.sum().backward()
       return y
 
   else:
@@ -187,10 +219,9 @@ def _spconv(shape, passes, repeats, threads):
     t0 = peer.sparse_tensor(coords, feats, mask)
     with torch.no_grad():
       y0 = conv(t0)  # builds and caches the index pairs under key "subm"
-    f_t = t0.features.clone()
 
     def make(requires_grad):
-      f = f_t.clone().requires_grad_(requires_grad)
+      f = t0.features.detach().clone().requires_grad_(requires_grad)
       return peer.spconv.SparseConvTensor(f, t0.indices, t0.spatial_shape, t0.batch_size,
                                           indice_dict=y0.indice_dict)
 
@@ -199,20 +230,21 @@ def _spconv(shape, passes, repeats, threads):
         return conv(make(False)).features
 
     def fb():
+      conv.zero_grad(set_to_none=True)
       y = conv(make(True)).features
       y.sum().backward()
       return y
 
-  fns = {"fwd": fwd, "fwd_bwd": fb}
-  for p in passes:
-    fns[p]()
-    ts = []
-    for _ in range(repeats):
-      t = time.perf_counter()
-      fns[p]()
-      ts.append(time.perf_counter() - t)
-    res[p] = statistics.median(ts)
-  return res
+  def with_threads(fn):
+    def run():
+      torch.set_num_threads(threads)
+      return fn()
+    return run
+
+  fns = {p: with_threads({"fwd": fwd, "fwd_bwd": fb}[p]) for p in passes}
+  for fn in fns.values():
+    fn()
+  return fns
 
 
 # -------------------------------------------------------------------- main --
@@ -226,6 +258,7 @@ def run(names, impls, repeats, tiles, spconv_threads):
   for t in tiles:
     api.IMPLEMENTATIONS[f"pairs@{t}"] = functools.partial(pairs.conv_pairs, tile=t)
   for name in names:
+    print(f"shape {name}: building inputs and compiling", flush=True)
     shape = shapes.make(name)
     passes = ("fwd",) if name == "slide100k" else ("fwd", "fwd_bwd")
     if shape.block:
@@ -237,39 +270,41 @@ def run(names, impls, repeats, tiles, spconv_threads):
       flops = {"fwd": f, "fwd_bwd": 3 * f}
       w = jnp.asarray(np.random.default_rng(1).standard_normal(
           (9, shape.c_in, shape.c_out)).astype(np.float32) * 0.02)
+    arms, meta = {}, {}
 
-    def add(impl, res, device=dev, threads=None):
-      for p, s in res.items():
-        records.append({"shape": name, "implementation": impl, "pass": p,
-                        "median_ms": 1e3 * s, "device": device,
-                        "gflop": flops.get(p, 0) / 1e9 if impl != "tables" else 0.0,
-                        "threads": threads})
-        print(f"  {name:9s} {impl:18s} {p:8s} {1e3 * s:10.1f} ms", flush=True)
+    def arm(label, make, device=dev, threads=None):
+      try:
+        arms[label] = make()
+        meta[label] = (device, threads)
+      except ImportError as e:
+        print(f"  {label}: not run ({e})", flush=True)
+      except Exception as e:  # a failing arm is reported, the others still run
+        print(f"  {label}: FAILED {type(e).__name__}: {e}", flush=True)
 
-    add("gemm", _gemm(flops, shape.c_out if shape.block else shape.c_in, shape.c_out,
-                      passes, repeats))
-    for b, s in _builders(shape, repeats).items():
-      add(f"tables:{b}", {"build": s})
-    run_impls = list(impls) + [f"pairs@{t}" for t in tiles]
-    for impl in run_impls:
+    arm("gemm", lambda: _gemm(flops, shape.c_out if shape.block else shape.c_in,
+                              shape.c_out, passes))
+    for b in tables.BUILDERS:
+      arm(f"tables:{b}", lambda b=b: _builder(shape, b))
+    for impl in list(impls) + [f"pairs@{t}" for t in tiles]:
       if impl in BACKEND_ONLY and jax.default_backend() != BACKEND_ONLY[impl]:
         continue
-      try:
-        if shape.block:
-          res = _jax_block(impl, shape, tables.DEFAULT_BUILDER, repeats)
-        else:
-          res = _jax_conv(impl, shape.smap.feats, w, rb, passes, repeats)
-      except Exception as e:  # a failing arm is reported, the others still run
-        print(f"  {name} {impl}: FAILED {type(e).__name__}: {e}", flush=True)
-        continue
-      add(impl, res)
+      if shape.block:
+        arm(impl, lambda impl=impl: _jax_block(impl, shape, tables.DEFAULT_BUILDER))
+      else:
+        arm(impl, lambda impl=impl: _jax_conv(impl, shape.smap.feats, w, rb, passes))
+    if shape.block and "pairs" in impls:
+      arm("pairs+window_sum_pool",
+          lambda: _jax_block("pairs", shape, tables.DEFAULT_BUILDER, window_sum_pool=True))
     for th in spconv_threads:
-      try:
-        res = _spconv(shape, passes, repeats, th)
-      except ImportError as e:
-        print(f"  spconv not run: {e}")
-        break
-      add(f"spconv(threads={th})", res, device=f"cpu:{cpu} (torch)", threads=th)
+      arm(f"spconv(threads={th})", lambda th=th: _spconv(shape, passes, th),
+          device=f"cpu:{cpu} (torch)", threads=th)
+    print(f"  timing {len(arms)} arms x {repeats} interleaved rounds", flush=True)
+    for (label, p), sec in _time_interleaved(arms, repeats).items():
+      device, threads = meta[label]
+      records.append({"shape": name, "implementation": label, "pass": p,
+                      "median_ms": 1e3 * sec, "device": device,
+                      "gflop": 0.0 if p == "build" else flops[p] / 1e9, "threads": threads})
+      print(f"  {name:9s} {label:22s} {p:8s} {1e3 * sec:10.1f} ms", flush=True)
   return records
 
 
