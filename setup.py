@@ -25,6 +25,7 @@ setuptools.setup(
         "optax",
         "orbax-checkpoint",
         "numpy",
+        "ml_dtypes",
         "absl-py",
         "tensorflow-datasets",
         "array_record",
