@@ -22,7 +22,12 @@ IMPLEMENTATIONS = {
     "pallas_tpu": pallas_tpu.conv_pallas_tpu,
 }
 
-DEFAULT_BY_BACKEND = {"cpu": "gather", "gpu": "gather", "tpu": "gather"}
+# CPU: measured by bench.py (experiments/results/kernels.md): `pairs` is several
+# times faster than `gather` at the training shape and the fastest on slides.
+# GPU/TPU: no measurement on such a device yet, so the plain-XLA `gather`
+# (deterministic backward, known to compile everywhere) until one is made;
+# `pallas_gpu` / `pallas_tpu` are selectable by name.
+DEFAULT_BY_BACKEND = {"cpu": "pairs", "gpu": "gather", "tpu": "gather"}
 
 
 def resolve(implementation: str | None) -> str:
