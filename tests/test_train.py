@@ -266,3 +266,37 @@ def test_cli_rejects_bad_flags(tmp_path):
        f"--data_bank={tmp_path / 'nope'}"],
       env=_env(1), cwd=REPO, capture_output=True, text=True, timeout=120)
   assert res.returncode != 0 and "nope does not exist" in res.stderr
+
+
+_PARSE = """
+import json, sys
+from absl import flags
+from gigassl_jax import config
+config.define_flags()
+out = {}
+for path in sys.argv[1:]:
+  for name in list(flags.FLAGS):
+    flags.FLAGS[name].unparse()
+  flags.FLAGS(["prog", "--flagfile=" + path, "--workdir=w", "--data_bank=synthetic"])
+  out[path] = json.loads(config.from_flags().to_json())
+print(json.dumps(out))
+"""
+
+
+def test_every_flagfile_parses_and_each_kernel_has_an_ablation_arm():
+  from gigassl_jax.kernels.sparse_conv import api
+  from gigassl_jax.sparse import tables
+  files = sorted(str(p.relative_to(REPO)) for p in (REPO / "experiments").glob("*.flags"))
+  res = subprocess.run([sys.executable, "-c", _PARSE, *files], env=_env(1), cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+  assert res.returncode == 0, res.stderr[-3000:]
+  cfgs = json.loads(res.stdout)
+  base = cfgs["experiments/base.flags"]
+  assert (base["train_batch_size"], base["data_tiles"], base["loss_temperature"],
+          base["optim_base_lr"], base["optim_warmup_epochs"]) == (256, 5, 0.05, 0.03, 10.0)
+  for impl in set(api.IMPLEMENTATIONS) - {"dense", "reference"}:
+    cfg = cfgs[f"experiments/ablation_{impl}.flags"]
+    assert cfg["model_conv_impl"] == impl and cfg["train_batch_size"] == 256
+  for b in tables.BUILDERS:
+    assert cfgs[f"experiments/ablation_table_{b}.flags"]["model_table_builder"] == b
+  assert cfgs["experiments/smoke.flags"]["train_steps"] <= 10
