@@ -13,17 +13,23 @@ spconv (the sparse pooling block of kernels/sparse_conv/peer.py, global mean,
 the projector, the normalise-then-matmul NT-Xent, Adam), its sparse tensors
 built from the same quantised coordinates each step.
 
-Arms are timed in turn within each round (the machine's load drifts), median
-over rounds. Anchor (not re-measured: SparseConvNet is not installed): the
+The JAX arms are timed in turn within each round (the machine's load drifts),
+median over rounds; the torch arm then runs the same number of rounds in a
+child process (XLA's spinning CPU worker threads slow a torch arm sharing the
+process ~10x). Anchor (not re-measured: SparseConvNet is not installed): the
 reference code runs 110 views/s at batch 256 on this kind of 2-core CPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -74,23 +80,31 @@ def jax_arm(impl: str, batch: dict, channels: int):
   return run
 
 
-def torch_arm(batch: dict, channels: int, threads: int, seed: int = 0):
-  """A warmed-up callable running one PyTorch + spconv training step on the same views."""
-  import torch  # pylint: disable=g-import-not-at-top  (peer only)
-  from gigassl_jax.kernels.sparse_conv import peer  # pylint: disable=g-import-not-at-top
-
-  torch.manual_seed(seed)
-  # The same augmentation and quantisation as the JAX step, done once here: the
-  # torch arm is timed from the quantised sparse maps on.
-  cfg = train.coord_config(config_lib.Config())
+def quantised_views(batch: dict) -> dict:
+  """The JAX step's augmentation + quantisation of both views, as numpy arrays."""
   from gigassl_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  cfg = train.coord_config(config_lib.Config())
   key = jax.random.key(0)
-  views = []
+  out = {}
   for v in range(2):
     sm = jax.jit(data_lib.make_views, static_argnums=(4, 5))(
         jax.random.fold_in(key, v), batch["xy"][:, v], batch["feats"][:, v],
         batch["position"], cfg, 224)
-    views.append(tuple(np.asarray(a) for a in (sm.coords, sm.feats, sm.mask)))
+    for name in ("coords", "feats", "mask"):
+      out[f"{name}{v}"] = np.asarray(getattr(sm, name))
+  return out
+
+
+def torch_arm(views: dict, channels: int, threads: int, seed: int = 0):
+  """A warmed-up callable running one PyTorch + spconv training step on `views`."""
+  import torch  # pylint: disable=g-import-not-at-top  (peer only)
+  from gigassl_jax.kernels.sparse_conv import peer  # pylint: disable=g-import-not-at-top
+
+  torch.manual_seed(seed)
+  # Denormal numbers appear in this network's backward pass; without
+  # flush-to-zero torch's CPU kernels ran ~20x slower here (measured).
+  torch.set_flush_denormal(True)
+  views = [tuple(views[f"{k}{v}"] for k in ("coords", "feats", "mask")) for v in range(2)]
 
   class Net(torch.nn.Module):
 
@@ -119,7 +133,7 @@ def torch_arm(batch: dict, channels: int, threads: int, seed: int = 0):
 
   net = Net()
   opt = torch.optim.Adam(net.parameters(), lr=0.03)
-  n = batch["feats"].shape[0]
+  n = views[0][0].shape[0]
 
   def run():
     torch.set_num_threads(threads)
@@ -128,10 +142,23 @@ def torch_arm(batch: dict, channels: int, threads: int, seed: int = 0):
     loss = nt_xent(*z)
     loss.backward()
     opt.step()
-    return float(loss)
+    return float(loss.detach())
 
   run()
   return run
+
+
+def torch_child(views_path: str, channels: int, threads: int, repeats: int) -> None:
+  """Times the torch arm in this (child) process; prints the per-round seconds as JSON."""
+  with np.load(views_path) as z:
+    views = dict(z)
+  fn = torch_arm(views, channels, threads)
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  print(json.dumps(times))
 
 
 def cpu_name() -> str:
@@ -154,7 +181,11 @@ def main(argv=None):
   p.add_argument("--impls", default="", help="comma list (default: all for this backend)")
   p.add_argument("--torch_threads", type=int, default=2)
   p.add_argument("--no_torch", action="store_true")
+  p.add_argument("--torch_child", default="", help=argparse.SUPPRESS)
   a = p.parse_args(argv)
+  if a.torch_child:
+    torch_child(a.torch_child, a.channels, a.torch_threads, a.repeats)
+    return
   backend = jax.default_backend()
   impls = a.impls.split(",") if a.impls else [
       n for n in api.IMPLEMENTATIONS if n not in SKIP and BACKEND_ONLY.get(n, backend) == backend]
@@ -164,8 +195,6 @@ def main(argv=None):
     t = time.perf_counter()
     arms[f"jax {impl}"] = jax_arm(impl, batch, a.channels)
     print(f"# compiled {impl} in {time.perf_counter() - t:.1f}s", file=sys.stderr, flush=True)
-  if not a.no_torch:
-    arms[f"torch+spconv ({a.torch_threads} thr)"] = torch_arm(batch, a.channels, a.torch_threads)
   times = {k: [] for k in arms}
   for r in range(a.repeats):
     for k, fn in arms.items():
@@ -173,6 +202,19 @@ def main(argv=None):
       fn()
       times[k].append(time.perf_counter() - t)
     print(f"# round {r + 1}/{a.repeats}", file=sys.stderr, flush=True)
+  if not a.no_torch:
+    # XLA's CPU worker threads keep spinning for seconds after a step, which
+    # slowed a torch arm in the same process ~10x (measured): torch runs in a
+    # child process once this one is idle.
+    with tempfile.TemporaryDirectory() as tmp:
+      path = os.path.join(tmp, "views.npz")
+      np.savez(path, **quantised_views(batch))
+      time.sleep(5)
+      res = subprocess.run(
+          [sys.executable, __file__, f"--torch_child={path}", f"--channels={a.channels}",
+           f"--torch_threads={a.torch_threads}", f"--repeats={a.repeats}"],
+          capture_output=True, text=True, check=True)
+      times[f"torch+spconv ({a.torch_threads} thr)"] = json.loads(res.stdout.splitlines()[-1])
   med = {k: statistics.median(v) for k, v in times.items()}
   views = 2 * a.batch
   base = next((k for k in med if k.startswith("torch")), None)
