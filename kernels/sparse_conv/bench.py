@@ -153,7 +153,9 @@ def _jax_conv(impl, x, w, rb, passes):
   def f(x, w, rb):
     return api.sparse_conv(x, w, rb, implementation=impl)
 
-  ct = jnp.ones(rb.out_mask.shape + (w.shape[-1],), x.dtype)
+  # A random cotangent: with ones XLA could simplify the backward GEMMs to sums.
+  ct = jnp.asarray(np.random.default_rng(2).standard_normal(
+      rb.out_mask.shape + (w.shape[-1],)).astype(np.float32)).astype(x.dtype)
   fns = {"fwd": functools.partial(jax.jit(f), x, w, rb)}
   if "fwd_bwd" in passes:
     g = jax.jit(jax.grad(lambda x, w, rb: jnp.sum(f(x, w, rb) * ct), (0, 1)))
@@ -173,9 +175,11 @@ def _gemm(flops, c_in, c_out, passes):
     x = jnp.asarray(rng.standard_normal((m, c_in)).astype(np.float32))
     if p == "fwd":
       f = jax.jit(lambda x, w: x @ w)
-    else:
-      f = jax.jit(jax.grad(lambda x, w: jnp.sum(x @ w), (0, 1)))
-    fns[p] = functools.partial(f, x, w)
+      fns[p] = functools.partial(f, x, w)
+    else:  # forward + both gradients (random cotangent: no simplification to sums)
+      ct = jnp.asarray(rng.standard_normal((m, c_out)).astype(np.float32))
+      f = jax.jit(jax.grad(lambda x, w, ct: jnp.sum((x @ w) * ct), (0, 1)))
+      fns[p] = functools.partial(f, x, w, ct)
     _block(fns[p])
   return fns
 
