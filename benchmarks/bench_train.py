@@ -179,7 +179,8 @@ def main(argv=None):
   p.add_argument("--channels", type=int, default=256)
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--impls", default="", help="comma list (default: all for this backend)")
-  p.add_argument("--torch_threads", type=int, default=2)
+  p.add_argument("--torch_threads", type=int, default=1,
+                 help="1: spconv on this 2-core CPU ran ~10x slower with 2 (measured)")
   p.add_argument("--no_torch", action="store_true")
   p.add_argument("--torch_child", default="", help=argparse.SUPPRESS)
   a = p.parse_args(argv)
