@@ -181,11 +181,17 @@ def make_train_step(graphdef, cfg: config_lib.Config, tx, mesh):
     params = optax.apply_updates(state["params"], updates)
     new = {"params": params, "batch_stats": stats, "opt_state": opt_state,
            "step": state["step"] + 1}
-    return new, {"loss": loss, "collapse": collapse, "grad_norm": optax.global_norm(grads)}
+    return new, {"loss": loss, "collapse": collapse, "grad_norm": _tree_norm(grads)}
 
   sharded = jax.shard_map(body, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()),
                           check_vma=False)
   return jax.jit(sharded, donate_argnums=0)
+
+
+def _tree_norm(tree):
+  """Global L2 norm of a pytree (optax.tree.norm; global_norm on older optax)."""
+  tree_mod = getattr(optax, "tree", None)
+  return tree_mod.norm(tree) if hasattr(tree_mod, "norm") else optax.global_norm(tree)
 
 
 def put_replicated(tree, mesh):
