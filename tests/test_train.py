@@ -305,3 +305,31 @@ def test_every_flagfile_parses_and_each_kernel_has_an_ablation_arm():
   for b in tables.BUILDERS:
     assert cfgs[f"experiments/ablation_table_{b}.flags"]["model_table_builder"] == b
   assert cfgs["experiments/smoke.flags"]["train_steps"] <= 10
+
+
+def test_model_init_from_a_torchvision_pth(tmp_path):
+  torch = pytest.importorskip("torch")  # only to write the file; reading is torch-free
+  rng = np.random.default_rng()
+  sd = {}
+  for blk, convs in (("0", ("conv1", "conv2", "downsample.0")), ("1", ("conv1", "conv2"))):
+    for c in convs:
+      cin = 256 if (blk == "0" and c != "conv2") else 512
+      k = 1 if c == "downsample.0" else 3
+      sd[f"layer4.{blk}.{c}.weight"] = torch.from_numpy(
+          rng.normal(size=(512, cin, k, k)).astype(np.float32))
+    for bn in (("bn1", "bn2", "downsample.1") if blk == "0" else ("bn1", "bn2")):
+      for name in ("weight", "bias", "running_mean"):
+        sd[f"layer4.{blk}.{bn}.{name}"] = torch.from_numpy(rng.normal(size=512).astype(np.float32))
+      sd[f"layer4.{blk}.{bn}.running_var"] = torch.from_numpy(
+          rng.uniform(0.5, 2, size=512).astype(np.float32))
+  path = tmp_path / "resnet18.pth"
+  torch.save({"state_dict": {"module.encoder_q." + k: v for k, v in sd.items()}}, path)
+  cfg = config_lib.Config(workdir="x", data_bank="x", model_init="torchvision",
+                          model_weights=str(path))
+  model = train.build_model(cfg, 256)
+  w = sd["layer4.1.conv2.weight"].numpy()  # [out, in, kh, kw]; natural: tap 3*kw + kh
+  np.testing.assert_array_equal(model.pool.b1_conv2.weight[...][3 * 2 + 1], w[:, :, 1, 2].T)
+  np.testing.assert_array_equal(model.pool.b0_normd.var[...],
+                                sd["layer4.0.downsample.1.running_var"].numpy())
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    train.build_model(cfg.replace(model_weights=str(tmp_path / "none.pth")), 256)
