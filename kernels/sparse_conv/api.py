@@ -1,7 +1,10 @@
 """One entry point for every sparse-convolution implementation.
 
-    out = sparse_conv(feats, weight, rulebook, implementation="gather")
+    out = sparse_conv(feats, weight, rulebook, implementation="pairs")
 
+Implementations (docs/kernels.md): `dense` (oracle), `reference` (per tap,
+plain jnp), `gather` (XLA gather + einsum), `pairs` (only real pairs, tiled by
+tap), `pallas_gpu` (Triton gather-GEMM), `pallas_tpu` (DMA row gathers).
 Implementations are looked up by name; an unknown name is rejected with the list
 of valid ones; None picks the fastest one measured for the current backend
 (`DEFAULT_BY_BACKEND`, from kernels/sparse_conv/bench.py results).

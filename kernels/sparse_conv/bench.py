@@ -12,11 +12,13 @@ Per named shape (kernels/sparse_conv/shapes.py):
              forward+backward except for slide100k).
 Rows: every implementation registered in api.IMPLEMENTATIONS (except `dense`,
 whose grid is too large here, and Pallas kernels off their backend), extra
-`pairs@T` tile sizes, spconv (when installed) at 1 and 2 torch threads on the
+`pairs@T` tile sizes, `pairs+window_sum_pool` (train shapes: `pairs` with
+layers.avg_pool computed by pairs.window_sum), spconv (when installed) at 1 and 2 torch threads on the
 same inputs (for slides its index pairs are built before timing, as ours), the
 table builders (sort, hash), and `gemm`: one dense GEMM doing the same useful
-FLOPs (real pairs only), the compute limit of this device.
-Median of --repeats timed runs after one warm-up (compile) run.
+FLOPs (real pairs only), XLA's dense rate on this device.
+Median of --repeats timed rounds after one warm-up (compile) run; within a
+round the arms run in turn, so a shared machine's drifting load hits all alike.
 
 The JSON is a list of records {shape, implementation, pass, median_ms, device,
 gflop, threads}; the printed table gives each row's GFLOP/s on real pairs, its
