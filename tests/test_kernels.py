@@ -15,16 +15,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from gigassl_jax.kernels.sparse_conv import api, dense, pairs, pallas_gpu, pallas_tpu, shapes
 from jax.experimental import pallas as pl
 
-from gigassl_jax.kernels.sparse_conv import api, dense, pairs, pallas_gpu, pallas_tpu, shapes
 from gigassl_jax.sparse import maps, tables
 
 IMPLS = ["reference", "gather", "pairs", "pallas_gpu", "pallas_tpu"]
 PALLAS = {"pallas_gpu", "pallas_tpu"}
 # Small blocks keep interpret mode fast (the grid is a loop there).
-OPTIONS = {"pallas_gpu": dict(block_m=16, block_n=16, block_k=16),
-           "pallas_tpu": dict(block_m=16), "pairs": dict(tile=8)}
+OPTIONS = {"pallas_gpu": {"block_m": 16, "block_n": 16, "block_k": 16},
+           "pallas_tpu": {"block_m": 16}, "pairs": {"tile": 8}}
 
 
 def _pattern(name, rng):
@@ -255,7 +255,7 @@ def test_matches_spconv(kind):
   """Forward, d/dx and d/dw of `pairs` (and the oracle) vs spconv 2.x, 1 thread."""
   torch = pytest.importorskip("torch")
   pytest.importorskip("spconv")
-  from gigassl_jax.kernels.sparse_conv import peer  # noqa: PLC0415
+  from gigassl_jax.kernels.sparse_conv import peer
 
   torch.set_num_threads(1)  # spconv's CPU scatter-add races with 2 threads
   seed = np.random.SeedSequence().entropy % 2**31

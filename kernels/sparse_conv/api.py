@@ -13,7 +13,6 @@ of valid ones; None picks the fastest one measured for the current backend
 from __future__ import annotations
 
 import jax
-
 from gigassl_jax.kernels.sparse_conv import dense, gather, pairs, pallas_gpu, pallas_tpu, reference
 
 IMPLEMENTATIONS = {

@@ -41,9 +41,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from gigassl_jax.kernels.sparse_conv import api, pairs, shapes
 
 from gigassl_jax import models
-from gigassl_jax.kernels.sparse_conv import api, pairs, shapes
 from gigassl_jax.sparse import layers, maps, tables
 
 SKIP = {"dense"}
@@ -173,7 +173,7 @@ def _gemm(flops, c_in, c_out, passes):
   rng = np.random.default_rng(0)
   w = jnp.asarray(rng.standard_normal((c_in, c_out)).astype(np.float32))
   for p in passes:
-    m = int(round(flops[p] / (2 * c_in * c_out * (1 if p == "fwd" else 3))))
+    m = round(flops[p] / (2 * c_in * c_out * (1 if p == "fwd" else 3)))
     x = jnp.asarray(rng.standard_normal((m, c_in)).astype(np.float32))
     if p == "fwd":
       f = jax.jit(lambda x, w: x @ w)
@@ -201,9 +201,8 @@ def _builder(shape, b):
 
 def _spconv(shape, passes, threads):
   """{pass: warmed-up callable} running the spconv peer with `threads` torch threads."""
-  import torch  # noqa: PLC0415  (peer only)
-
-  from gigassl_jax.kernels.sparse_conv import peer  # noqa: PLC0415
+  import torch
+  from gigassl_jax.kernels.sparse_conv import peer
 
   smap = shape.smap
   coords, feats, mask = (np.asarray(a) for a in (smap.coords, smap.feats, smap.mask))
@@ -256,68 +255,75 @@ def _spconv(shape, passes, threads):
 # -------------------------------------------------------------------- main --
 
 
+def _shape_records(name, impls, repeats, tiles, spconv_threads):
+  """Records of every arm on one named shape."""
+  dev, cpu = _device(), _cpu_name()
+  print(f"shape {name}: building inputs and compiling", flush=True)
+  shape = shapes.make(name)
+  passes = ("fwd",) if name == "slide100k" else ("fwd", "fwd_bwd")
+  rb = w = None
+  if shape.block:
+    fwd_f, fb_f = block_flops(shape.smap, shape.c_in, shape.c_out)
+    flops = {"fwd": fwd_f, "fwd_bwd": fb_f}
+  else:
+    rb = tables.submanifold_rulebook(shape.smap)
+    f = 2 * int(pairs.count_pairs(rb)) * shape.c_in * shape.c_out
+    flops = {"fwd": f, "fwd_bwd": 3 * f}
+    w = jnp.asarray(np.random.default_rng(1).standard_normal(
+        (9, shape.c_in, shape.c_out)).astype(np.float32) * 0.02)
+  arms, meta = {}, {}
+
+  def arm(label, make, device=dev, threads=None):
+    try:
+      arms[label] = make()
+      meta[label] = (device, threads)
+    except ImportError as e:
+      print(f"  {label}: not run ({e})", flush=True)
+    except Exception as e:  # noqa: BLE001  a failing arm is reported, the others run
+      print(f"  {label}: FAILED {type(e).__name__}: {e}", flush=True)
+
+  arm("gemm", lambda: _gemm(flops, shape.c_out if shape.block else shape.c_in,
+                            shape.c_out, passes))
+  for b in tables.BUILDERS:
+    arm(f"tables:{b}", functools.partial(_builder, shape, b))
+  for impl in list(impls) + [f"pairs@{t}" for t in tiles]:
+    if impl in BACKEND_ONLY and jax.default_backend() != BACKEND_ONLY[impl]:
+      continue
+    if shape.block:
+      arm(impl, functools.partial(_jax_block, impl, shape, tables.DEFAULT_BUILDER))
+    else:
+      arm(impl, functools.partial(_jax_conv, impl, shape.smap.feats, w, rb, passes))
+  if shape.block and "pairs" in impls:
+    arm("pairs+window_sum_pool", functools.partial(
+        _jax_block, "pairs", shape, tables.DEFAULT_BUILDER, window_sum_pool=True))
+  for th in spconv_threads:
+    arm(f"spconv(threads={th})", functools.partial(_spconv, shape, passes, th),
+        device=f"cpu:{cpu} (torch)", threads=th)
+  print(f"  timing {len(arms)} arms x {repeats} interleaved rounds", flush=True)
+  records = []
+  for (label, p), sec in _time_interleaved(arms, repeats).items():
+    device, threads = meta[label]
+    records.append({"shape": name, "implementation": label, "pass": p,
+                    "median_ms": 1e3 * sec, "device": device,
+                    "gflop": 0.0 if p == "build" else flops[p] / 1e9, "threads": threads})
+    print(f"  {name:9s} {label:22s} {p:8s} {1e3 * sec:10.1f} ms", flush=True)
+  return records
+
+
 def run(names, impls, repeats, tiles, spconv_threads):
   """All records for the named shapes."""
-  records = []
-  dev = _device()
-  cpu = _cpu_name()
   for t in tiles:
     api.IMPLEMENTATIONS[f"pairs@{t}"] = functools.partial(pairs.conv_pairs, tile=t)
+  records = []
   for name in names:
-    print(f"shape {name}: building inputs and compiling", flush=True)
-    shape = shapes.make(name)
-    passes = ("fwd",) if name == "slide100k" else ("fwd", "fwd_bwd")
-    if shape.block:
-      fwd_f, fb_f = block_flops(shape.smap, shape.c_in, shape.c_out)
-      flops = {"fwd": fwd_f, "fwd_bwd": fb_f}
-    else:
-      rb = tables.submanifold_rulebook(shape.smap)
-      f = 2 * int(pairs.count_pairs(rb)) * shape.c_in * shape.c_out
-      flops = {"fwd": f, "fwd_bwd": 3 * f}
-      w = jnp.asarray(np.random.default_rng(1).standard_normal(
-          (9, shape.c_in, shape.c_out)).astype(np.float32) * 0.02)
-    arms, meta = {}, {}
-
-    def arm(label, make, device=dev, threads=None):
-      try:
-        arms[label] = make()
-        meta[label] = (device, threads)
-      except ImportError as e:
-        print(f"  {label}: not run ({e})", flush=True)
-      except Exception as e:  # a failing arm is reported, the others still run
-        print(f"  {label}: FAILED {type(e).__name__}: {e}", flush=True)
-
-    arm("gemm", lambda: _gemm(flops, shape.c_out if shape.block else shape.c_in,
-                              shape.c_out, passes))
-    for b in tables.BUILDERS:
-      arm(f"tables:{b}", lambda b=b: _builder(shape, b))
-    for impl in list(impls) + [f"pairs@{t}" for t in tiles]:
-      if impl in BACKEND_ONLY and jax.default_backend() != BACKEND_ONLY[impl]:
-        continue
-      if shape.block:
-        arm(impl, lambda impl=impl: _jax_block(impl, shape, tables.DEFAULT_BUILDER))
-      else:
-        arm(impl, lambda impl=impl: _jax_conv(impl, shape.smap.feats, w, rb, passes))
-    if shape.block and "pairs" in impls:
-      arm("pairs+window_sum_pool",
-          lambda: _jax_block("pairs", shape, tables.DEFAULT_BUILDER, window_sum_pool=True))
-    for th in spconv_threads:
-      arm(f"spconv(threads={th})", lambda th=th: _spconv(shape, passes, th),
-          device=f"cpu:{cpu} (torch)", threads=th)
-    print(f"  timing {len(arms)} arms x {repeats} interleaved rounds", flush=True)
-    for (label, p), sec in _time_interleaved(arms, repeats).items():
-      device, threads = meta[label]
-      records.append({"shape": name, "implementation": label, "pass": p,
-                      "median_ms": 1e3 * sec, "device": device,
-                      "gflop": 0.0 if p == "build" else flops[p] / 1e9, "threads": threads})
-      print(f"  {name:9s} {label:22s} {p:8s} {1e3 * sec:10.1f} ms", flush=True)
+    records += _shape_records(name, impls, repeats, tiles, spconv_threads)
   return records
 
 
 def table(records) -> str:
   """Markdown table: per shape and pass, rows sorted by time."""
-  lines = ["| shape | pass | implementation | median ms | GFLOP/s (real pairs) "
-           "| x spconv (>1 faster) | / same-FLOP GEMM |",
+  lines = [("| shape | pass | implementation | median ms | GFLOP/s (real pairs) "
+            "| x spconv (>1 faster) | / same-FLOP GEMM |"),
            "|---|---|---|---:|---:|---:|---:|"]
   keys = sorted({(r["shape"], r["pass"]) for r in records},
                 key=lambda k: (shapes.NAMES.index(k[0]) if k[0] in shapes.NAMES else 99, k[1]))

@@ -218,4 +218,4 @@ def count_pairs(rulebook) -> jax.Array:
   return jnp.sum(rulebook.nbr >= 0, dtype=jnp.int32)
 
 
-__all__ = ["conv_pairs", "count_pairs", "window_sum", "tiled_pairs", "flat_table", "DEFAULT_TILE"]
+__all__ = ["DEFAULT_TILE", "conv_pairs", "count_pairs", "flat_table", "tiled_pairs", "window_sum"]

@@ -34,10 +34,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from gigassl_jax.kernels.sparse_conv import pairs
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
-
-from gigassl_jax.kernels.sparse_conv import pairs
 
 
 def _round_up(n, m):

@@ -28,10 +28,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from gigassl_jax.kernels.sparse_conv import gather, pairs
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-
-from gigassl_jax.kernels.sparse_conv import gather, pairs
 
 
 def _round_up(n, m):

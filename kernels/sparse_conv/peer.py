@@ -24,7 +24,7 @@ spconv_ops.get_current_stream = lambda: 0
 def to_spconv_weight(w) -> torch.Tensor:
   """Our [9, C_in, C_out] -> spconv's [C_out, 3, 3, C_in]."""
   w = np.asarray(w, np.float32)
-  k, cin, cout = w.shape
+  _, cin, cout = w.shape
   return torch.from_numpy(np.ascontiguousarray(w.reshape(3, 3, cin, cout).transpose(3, 0, 1, 2)))
 
 
