@@ -1,8 +1,8 @@
 """2 processes x 4 CPU devices (gloo collectives) train exactly as 1 process x 8 devices.
 
-Known problem (see docs/train.md): on this 2-core CPU, with 2 processes over
-gloo, every step whose backward pass contains a collective (synced BN, global
-negatives) stalls ~30 s, though the results are right. So this test runs 2
+Known problem (see docs/train.md): with 2 processes over gloo and more than
+one device per process, every step whose backward pass contains a collective
+(synced BN, global negatives) stalls ~30 s, though the results are right. So this test runs 2
 steps only (no warm-up: step 2's loss depends on step 1's all-reduced
 gradients), with per-device BN statistics (--nomodel_sync_bn) and global
 negatives (an all_gather across the processes).
