@@ -33,14 +33,11 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from gigassl_jax.kernels.sparse_conv import api, shapes
 
 from gigassl_jax import config as config_lib
 from gigassl_jax import train
-from gigassl_jax.kernels.sparse_conv import api, shapes
-from gigassl_jax.sparse import maps
 
 REFERENCE_VIEWS_PER_S = 110.0  # SparseConvNet reference code, batch 256, T = 5, this CPU
 BACKEND_ONLY = {"pallas_gpu": "gpu", "pallas_tpu": "tpu"}

@@ -91,14 +91,14 @@ class Config:
     """Peak learning rate: base_lr x batch / 256 (method.md section 5)."""
     return self.optim_base_lr * self.train_batch_size / 256.0
 
-  def replace(self, **kw) -> "Config":
+  def replace(self, **kw) -> Config:
     return dataclasses.replace(self, **kw)
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
   @classmethod
-  def from_dict(cls, d: dict) -> "Config":
+  def from_dict(cls, d: dict) -> Config:
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - set(names))
     if unknown:
@@ -108,7 +108,7 @@ class Config:
       kw[k] = tuple(v) if isinstance(v, list) else v
     return cls(**kw)
 
-  def validate(self) -> "Config":
+  def validate(self) -> Config:
     """Raises ValueError naming the flag of the first inconsistent value."""
     def need(cond, msg):
       if not cond:

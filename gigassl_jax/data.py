@@ -124,7 +124,7 @@ class Prefetcher:
         return
       try:
         item = (step, self._put(self._make(step)), None)
-      except BaseException as e:  # surfaced in the consumer's thread
+      except BaseException as e:  # noqa: BLE001  (re-raised in the consumer's thread)
         item = (step, None, e)
       while not self._stop.is_set():
         try:

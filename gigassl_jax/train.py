@@ -26,14 +26,13 @@ import pathlib
 import sys
 import time
 
-from absl import app
-from absl import flags
-from absl import logging as absl_logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from absl import app, flags
+from absl import logging as absl_logging
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -41,8 +40,7 @@ from jax.sharding import PartitionSpec as P
 from gigassl_jax import bank as bank_lib
 from gigassl_jax import config as config_lib
 from gigassl_jax import data as data_lib
-from gigassl_jax import losses
-from gigassl_jax import models
+from gigassl_jax import losses, models
 from gigassl_jax.sparse import coord_augment
 
 AXIS = "data"
@@ -83,7 +81,7 @@ def make_mesh(devices=None) -> jax.sharding.Mesh:
 
 def make_schedule(cfg: config_lib.Config, total_steps: int, steps_per_epoch: int):
   """Linear warm-up from 0 over optim_warmup_epochs, then cosine decay to final_lr."""
-  warmup = min(int(round(cfg.optim_warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
+  warmup = min(round(cfg.optim_warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup,
       decay_steps=max(total_steps, warmup + 1),
@@ -333,9 +331,9 @@ def init_distributed(cfg: config_lib.Config) -> None:
   """jax.distributed.initialize as asked (must run before any jax computation)."""
   if cfg.dist_init == "none":
     return
-  if jax.config.jax_platforms in ("cpu",) or os.environ.get("JAX_PLATFORMS") == "cpu":
-    if cfg.dist_cpu_collectives != "none":
-      jax.config.update("jax_cpu_collectives_implementation", cfg.dist_cpu_collectives)
+  if cfg.dist_cpu_collectives != "none" and (
+      jax.config.jax_platforms == "cpu" or os.environ.get("JAX_PLATFORMS") == "cpu"):
+    jax.config.update("jax_cpu_collectives_implementation", cfg.dist_cpu_collectives)
   if cfg.dist_init == "auto":
     jax.distributed.initialize()
   else:
@@ -379,7 +377,7 @@ def run(cfg: config_lib.Config) -> dict:
       process_index=jax.process_index(), process_count=jax.process_count(),
       read_threads=cfg.data_read_threads)
   spe = sampler.steps_per_epoch
-  total = cfg.train_steps if cfg.train_steps > 0 else max(1, int(round(cfg.train_epochs * spe)))
+  total = cfg.train_steps if cfg.train_steps > 0 else max(1, round(cfg.train_epochs * spe))
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)
     old = workdir / config_lib.CONFIG_JSON

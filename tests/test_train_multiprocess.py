@@ -16,7 +16,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from gigassl_jax import config as config_lib
 from gigassl_jax import data as data_lib
@@ -41,9 +40,9 @@ def _losses(workdir):
 def test_two_processes_match_one_process(tmp_path):
   seed = int(np.random.default_rng().integers(1000))
   bank = data_lib.make_synthetic_bank(tmp_path / "bank", 16, 3, 12, 32, seed=seed)
-  common = dict(train_batch_size=BATCH, train_steps=STEPS, train_ckpt_every=100,
-                train_log_every=1, train_progress=False, optim_warmup_epochs=0.0,
-                optim_base_lr=0.03, train_seed=seed, model_sync_bn=False)
+  common = {"train_batch_size": BATCH, "train_steps": STEPS, "train_ckpt_every": 100,
+                "train_log_every": 1, "train_progress": False, "optim_warmup_epochs": 0.0,
+                "optim_base_lr": 0.03, "train_seed": seed, "model_sync_bn": False}
 
   # 2 processes x 4 devices, started first so they run while the reference does.
   port = _free_port()
