@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gigassl_jax.kernels.sparse_conv import api as conv_api
-from gigassl_jax.kernels.sparse_conv import gather as gather_impl
+from gigassl_jax.kernels.sparse_conv import pairs as pairs_impl
 from gigassl_jax.sparse import tables
 
 # ---------------------------------------------------------------- functions --
@@ -22,6 +22,8 @@ def avg_pool(feats, rulebook):
 
   SparseConvNet divides by the filter volume, not by the number of active
   inputs. Shares the strided convolution's rule book (same output sites).
+  K row gathers (no [V, S_out, K, C] intermediate); the backward gathers through
+  the mirrored table, so it is deterministic.
 
   Args:
     feats: [V, S_in, C]; rulebook: tables.strided_rulebook(...).
@@ -29,8 +31,7 @@ def avg_pool(feats, rulebook):
   Returns:
     [V, S_out, C].
   """
-  g = gather_impl.gather_taps(feats, rulebook.nbr, rulebook.nbr_t)
-  return jnp.sum(g, axis=2) / rulebook.taps
+  return pairs_impl.window_sum(feats, rulebook) / rulebook.taps
 
 
 def global_mean(feats, mask):
