@@ -182,8 +182,10 @@ def test_eight_device_step_equals_one_device_step():
   np.testing.assert_allclose(l8, l1, rtol=1e-5)
   np.testing.assert_allclose(c8, c1, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g8), jax.tree.leaves(g1)):
-    # float32 sums in another order: ~1e-4 of the largest entry (golden README)
-    np.testing.assert_allclose(a, b, atol=1e-4 * float(np.abs(b).max()) + 1e-7)
+    # float32 sums in another order, amplified 1/tau = 20x by the loss: a few
+    # 1e-4 of the largest entry (1e-4 failed once in ~10 fresh-random runs at
+    # 1.4e-4); a wrong sharding or a missing pmean is off by O(1).
+    np.testing.assert_allclose(a, b, atol=5e-4 * float(np.abs(b).max()) + 1e-7)
   assert any(float(np.abs(b).max()) > 0 for b in jax.tree.leaves(g1))
   for a, b, old in zip(jax.tree.leaves(s8), jax.tree.leaves(s1), jax.tree.leaves(stats)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
