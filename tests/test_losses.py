@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 
 from gigassl_jax import losses
 
-GOLDEN = pathlib.Path("/work/shared/golden/scn/ntxent.npz")
+GOLDEN = pathlib.Path(__file__).parent / "fixtures" / "golden_scn" / "ntxent.npz"
 
 
 def ntxent_numpy(z1, z2, tau):
