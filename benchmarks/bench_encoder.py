@@ -25,7 +25,6 @@ when other jobs share the cores.
 import copy
 import datetime
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -37,6 +36,7 @@ import jax
 import numpy as np
 
 from gigassl_jax import encoders
+from gigassl_jax.machine import cpu_name as _cpu_name
 
 _ENCODERS = flags.DEFINE_list("encoders", ["resnet18", "efficientnet_lite0"], "Encoders to time.")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["4", "16", "64"], "Tiles per call.")
@@ -48,17 +48,6 @@ _OMP_PASSIVE = flags.DEFINE_bool(
     "Set OMP_WAIT_POLICY=PASSIVE for PyTorch (unless already set): on a shared machine its spinning "
     "OpenMP threads otherwise slow it down by up to 10x whenever another process runs.")
 _OUT = flags.DEFINE_string("out", None, "Write the results as a Markdown file here (atomically).")
-
-
-def _cpu_name() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown CPU"
 
 
 # ----------------------------------------------------------------------------

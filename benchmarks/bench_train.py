@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from gigassl_jax.kernels.sparse_conv import api, shapes
 
 from gigassl_jax import config as config_lib
 from gigassl_jax import train
+from gigassl_jax.machine import cpu_name
 
 REFERENCE_VIEWS_PER_S = 110.0  # SparseConvNet reference code, batch 256, T = 5, this CPU
 BACKEND_ONLY = {"pallas_gpu": "gpu", "pallas_tpu": "tpu"}
@@ -156,17 +156,6 @@ def torch_child(views_path: str, channels: int, threads: int, repeats: int) -> N
     fn()
     times.append(time.perf_counter() - t)
   print(json.dumps(times))
-
-
-def cpu_name() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "cpu"
 
 
 def main(argv=None):

@@ -33,7 +33,6 @@ import contextlib
 import functools
 import json
 import os
-import platform
 import statistics
 import time
 
@@ -45,6 +44,7 @@ from gigassl_jax.kernels.sparse_conv import api, pairs, shapes
 
 from gigassl_jax import models
 from gigassl_jax.sparse import layers, maps, tables
+from gigassl_jax.machine import cpu_name as _cpu_name
 
 SKIP = {"dense"}
 BACKEND_ONLY = {"pallas_gpu": "gpu", "pallas_tpu": "tpu"}
@@ -76,17 +76,6 @@ def _time_interleaved(arms, repeats):
 def _device():
   d = jax.devices()[0]
   return f"{d.platform}:{d.device_kind}"
-
-
-def _cpu_name():
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "cpu"
 
 
 # ------------------------------------------------------------------- FLOPs --
