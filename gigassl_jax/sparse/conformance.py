@@ -173,10 +173,10 @@ def check_input_layer(d, impl, cmp):
   grid, f, valid, where = _views(d["in_coords"], d["in_features"])
 
   def fwd(f):
-    return maps.from_grid(grid, f, valid)
+    sm = maps.from_grid(grid, f, valid)
+    return sm.feats, sm
 
-  smap, vjp = jax.vjp(lambda f: fwd(f).feats, jnp.asarray(f))
-  sm = fwd(jnp.asarray(f))
+  _, vjp, sm = jax.vjp(fwd, jnp.asarray(f), has_aux=True)
   c3, feats = _flat(sm.coords, sm.mask, sm.feats)
   cmp.require("input-layer output sites differ", np.array_equal(c3, d["out_coords"]))
   cmp.add("out_features", feats, d["out_features"])

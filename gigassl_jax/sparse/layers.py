@@ -12,7 +12,6 @@ from flax import nnx
 
 from gigassl_jax.kernels.sparse_conv import api as conv_api
 from gigassl_jax.kernels.sparse_conv import pairs as pairs_impl
-from gigassl_jax.sparse import tables
 
 # ---------------------------------------------------------------- functions --
 
@@ -178,4 +177,4 @@ def relu(x):
 
 
 __all__ = ["avg_pool", "global_mean", "masked_moments", "batch_norm", "SparseConv",
-           "SparseBatchNorm", "relu", "tables"]
+           "SparseBatchNorm", "relu"]

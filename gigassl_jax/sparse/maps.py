@@ -51,9 +51,6 @@ class SparseMap:
   def channels(self) -> int:
     return self.feats.shape[-1]
 
-  def replace_feats(self, feats: jax.Array) -> "SparseMap":
-    return self.replace(feats=feats)
-
   def num_sites(self) -> jax.Array:
     """int32 [V]: active sites per view."""
     return jnp.sum(self.mask, axis=1, dtype=jnp.int32)
