@@ -92,8 +92,11 @@ def quantised_views(batch: dict) -> dict:
   return out
 
 
-def torch_arm(views: dict, channels: int, threads: int, seed: int = 0):
-  """A warmed-up callable running one PyTorch + spconv training step on `views`."""
+def torch_arm(views: dict, channels: int, threads: int, seed: int = 0, device: str = "cpu"):
+  """A warmed-up callable running one PyTorch + spconv training step on `views`.
+
+  device "cuda": the step runs on the GPU and each call ends with a device sync.
+  """
   import torch  # pylint: disable=g-import-not-at-top  (peer only)
   from gigassl_jax.kernels.sparse_conv import peer  # pylint: disable=g-import-not-at-top
 
@@ -116,8 +119,9 @@ def torch_arm(views: dict, channels: int, threads: int, seed: int = 0):
     def forward(self, x, n_views):
       y = self.pool(x)
       b = y.indices[:, 0].long()
-      s = torch.zeros(n_views, y.features.shape[1]).index_add_(0, b, y.features)
-      cnt = torch.zeros(n_views).index_add_(0, b, torch.ones_like(b, dtype=torch.float32))
+      s = torch.zeros(n_views, y.features.shape[1], device=device).index_add_(0, b, y.features)
+      cnt = torch.zeros(n_views, device=device).index_add_(
+          0, b, torch.ones_like(b, dtype=torch.float32))
       return self.proj(s / cnt.clamp(min=1)[:, None])
 
   def nt_xent(z1, z2, tau=0.05):
@@ -125,31 +129,32 @@ def torch_arm(views: dict, channels: int, threads: int, seed: int = 0):
     n = z1.shape[0]
     logits = (z @ z.T) / tau
     logits.fill_diagonal_(float("-inf"))
-    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)])
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(device)
     return torch.nn.functional.cross_entropy(logits, target)
 
-  net = Net()
+  net = Net().to(device)
   opt = torch.optim.Adam(net.parameters(), lr=0.03)
   n = views[0][0].shape[0]
 
   def run():
     torch.set_num_threads(threads)
     opt.zero_grad(set_to_none=True)
-    z = [net(peer.sparse_tensor(*views[v]), n) for v in range(2)]
+    z = [net(peer.sparse_tensor(*views[v], device=device), n) for v in range(2)]
     loss = nt_xent(*z)
     loss.backward()
     opt.step()
-    return float(loss.detach())
+    return float(loss.detach())  # a host copy: waits for the GPU
 
   run()
   return run
 
 
-def torch_child(views_path: str, channels: int, threads: int, repeats: int) -> None:
+def torch_child(views_path: str, channels: int, threads: int, repeats: int,
+                device: str = "cpu") -> None:
   """Times the torch arm in this (child) process; prints the per-round seconds as JSON."""
   with np.load(views_path) as z:
     views = dict(z)
-  fn = torch_arm(views, channels, threads)
+  fn = torch_arm(views, channels, threads, device=device)
   times = []
   for _ in range(repeats):
     t = time.perf_counter()
@@ -167,13 +172,18 @@ def main(argv=None):
   p.add_argument("--impls", default="", help="comma list (default: all for this backend)")
   p.add_argument("--torch_threads", type=int, default=1,
                  help="1: spconv on this 2-core CPU ran ~10x slower with 2 (measured)")
+  p.add_argument("--torch_device", default="auto", choices=("auto", "cpu", "cuda"),
+                 help="auto: cuda when JAX runs on a GPU (the peer on the same card)")
   p.add_argument("--no_torch", action="store_true")
   p.add_argument("--torch_child", default="", help=argparse.SUPPRESS)
   a = p.parse_args(argv)
-  if a.torch_child:
-    torch_child(a.torch_child, a.channels, a.torch_threads, a.repeats)
+  if a.torch_child:  # the parent names the device: no JAX backend starts here
+    torch_child(a.torch_child, a.channels, a.torch_threads, a.repeats, a.torch_device)
     return
   backend = jax.default_backend()
+  torch_device = a.torch_device
+  if torch_device == "auto":
+    torch_device = "cuda" if backend == "gpu" else "cpu"
   impls = a.impls.split(",") if a.impls else [
       n for n in api.IMPLEMENTATIONS if n not in SKIP and BACKEND_ONLY.get(n, backend) == backend]
   batch = raw_batch(0, a.batch, a.tiles, a.channels)
@@ -199,9 +209,12 @@ def main(argv=None):
       time.sleep(5)
       res = subprocess.run(
           [sys.executable, __file__, f"--torch_child={path}", f"--channels={a.channels}",
-           f"--torch_threads={a.torch_threads}", f"--repeats={a.repeats}"],
+           f"--torch_threads={a.torch_threads}", f"--repeats={a.repeats}",
+           f"--torch_device={torch_device}"],
           capture_output=True, text=True, check=True)
-      times[f"torch+spconv ({a.torch_threads} thr)"] = json.loads(res.stdout.splitlines()[-1])
+      label = (f"torch+spconv ({a.torch_threads} thr)" if torch_device == "cpu" else
+               "torch+spconv (cuda)")
+      times[label] = json.loads(res.stdout.splitlines()[-1])
   med = {k: statistics.median(v) for k, v in times.items()}
   views = 2 * a.batch
   base = next((k for k in med if k.startswith("torch")), None)

@@ -188,29 +188,32 @@ def _builder(shape, b):
 # ------------------------------------------------------------------ spconv --
 
 
-def _spconv(shape, passes, threads):
-  """{pass: warmed-up callable} running the spconv peer with `threads` torch threads."""
+def _spconv(shape, passes, threads, device="cpu"):
+  """{pass: warmed-up callable} running the spconv peer with `threads` torch threads.
+
+  device "cuda": spconv's GPU kernels, each call ending with a device sync.
+  """
   import torch
   from gigassl_jax.kernels.sparse_conv import peer
 
   smap = shape.smap
   coords, feats, mask = (np.asarray(a) for a in (smap.coords, smap.feats, smap.mask))
   if shape.block:
-    blk = peer.PoolingBlock(shape.c_in, shape.c_out)
+    blk = peer.PoolingBlock(shape.c_in, shape.c_out).to(device)
 
     def fwd():
       with torch.no_grad():
-        return blk(peer.sparse_tensor(coords, feats, mask)).features
+        return blk(peer.sparse_tensor(coords, feats, mask, device=device)).features
 
     def fb():
       blk.zero_grad(set_to_none=True)
-      y = blk(peer.sparse_tensor(coords, feats, mask)).features
+      y = blk(peer.sparse_tensor(coords, feats, mask, device=device)).features
       y.sum().backward()
       return y
 
   else:
-    conv = peer.subm_conv(shape.c_in, shape.c_out)
-    t0 = peer.sparse_tensor(coords, feats, mask)
+    conv = peer.subm_conv(shape.c_in, shape.c_out).to(device)
+    t0 = peer.sparse_tensor(coords, feats, mask, device=device)
     with torch.no_grad():
       y0 = conv(t0)  # builds and caches the index pairs under key "subm"
 
@@ -232,7 +235,10 @@ def _spconv(shape, passes, threads):
   def with_threads(fn):
     def run():
       torch.set_num_threads(threads)
-      return fn()
+      out = fn()
+      if device != "cpu":
+        torch.cuda.synchronize()
+      return out
     return run
 
   fns = {p: with_threads({"fwd": fwd, "fwd_bwd": fb}[p]) for p in passes}
@@ -244,7 +250,7 @@ def _spconv(shape, passes, threads):
 # -------------------------------------------------------------------- main --
 
 
-def _shape_records(name, impls, repeats, tiles, spconv_threads):
+def _shape_records(name, impls, repeats, tiles, spconv_threads, spconv_device="cpu"):
   """Records of every arm on one named shape."""
   dev, cpu = _device(), _cpu_name()
   print(f"shape {name}: building inputs and compiling", flush=True)
@@ -286,8 +292,13 @@ def _shape_records(name, impls, repeats, tiles, spconv_threads):
     arm("pairs+window_sum_pool", functools.partial(
         _jax_block, "pairs", shape, tables.DEFAULT_BUILDER, window_sum_pool=True))
   for th in spconv_threads:
-    arm(f"spconv(threads={th})", functools.partial(_spconv, shape, passes, th),
-        device=f"cpu:{cpu} (torch)", threads=th)
+    if spconv_device == "cpu":
+      arm(f"spconv(threads={th})", functools.partial(_spconv, shape, passes, th),
+          device=f"cpu:{cpu} (torch)", threads=th)
+    else:
+      arm("spconv(cuda)", functools.partial(_spconv, shape, passes, th, spconv_device),
+          device=f"{_torch_gpu_name()} (torch)", threads=th)
+      break
   print(f"  timing {len(arms)} arms x {repeats} interleaved rounds", flush=True)
   records = []
   for (label, p), sec in _time_interleaved(arms, repeats).items():
@@ -299,13 +310,18 @@ def _shape_records(name, impls, repeats, tiles, spconv_threads):
   return records
 
 
-def run(names, impls, repeats, tiles, spconv_threads):
+def _torch_gpu_name():
+  import torch
+  return f"cuda:{torch.cuda.get_device_name()}"
+
+
+def run(names, impls, repeats, tiles, spconv_threads, spconv_device="cpu"):
   """All records for the named shapes."""
   for t in tiles:
     api.IMPLEMENTATIONS[f"pairs@{t}"] = functools.partial(pairs.conv_pairs, tile=t)
   records = []
   for name in names:
-    records += _shape_records(name, impls, repeats, tiles, spconv_threads)
+    records += _shape_records(name, impls, repeats, tiles, spconv_threads, spconv_device)
   return records
 
 
@@ -337,6 +353,8 @@ def main(argv=None):
   ap.add_argument("--impls", default=",".join(i for i in api.IMPLEMENTATIONS if i not in SKIP))
   ap.add_argument("--pairs_tiles", default="", help="extra pairs tile sizes, e.g. 128,512")
   ap.add_argument("--spconv_threads", default="1,2")
+  ap.add_argument("--spconv_device", default="auto", choices=("auto", "cpu", "cuda"),
+                  help="auto: cuda when JAX runs on a GPU (the peer on the same card)")
   ap.add_argument("--repeats", type=int, default=5)
   a = ap.parse_args(argv)
   names = [s for s in a.shapes.split(",") if s]
@@ -350,7 +368,10 @@ def main(argv=None):
   threads = [int(t) for t in a.spconv_threads.split(",") if t]
   print(f"device {_device()} ({_cpu_name()}, {os.cpu_count()} cpus), jax {jax.__version__}",
         flush=True)
-  records = run(names, impls, a.repeats, tiles, threads)
+  sp_dev = a.spconv_device
+  if sp_dev == "auto":
+    sp_dev = "cuda" if jax.default_backend() == "gpu" else "cpu"
+  records = run(names, impls, a.repeats, tiles, threads, sp_dev)
   with open(a.out, "w") as f:
     json.dump(records, f, indent=1)
   print(table(records))

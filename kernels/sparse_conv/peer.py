@@ -1,9 +1,10 @@
 """spconv (PyTorch) peer of the sparse convolutions, for tests and benchmarks only.
 
 Never a runtime dependency: importing this module imports torch and spconv.
-spconv 2.3.8 on CPU: its backward needs `get_current_stream` patched to 0, and its
-scatter-add races with more than one thread, so correctness comparisons must run
-under `torch.set_num_threads(1)` (timings say which thread count they used).
+spconv 2.3.8 on CPU: its backward needs `get_current_stream` patched to 0 (done
+here when torch sees no GPU), and its scatter-add races with more than one
+thread, so correctness comparisons must run under `torch.set_num_threads(1)`
+(timings say which thread count they used).
 
 Conventions (checked by tests/test_kernels.py against the dense oracle):
 indices are (view, c0, c1); an spconv weight [C_out, 3, 3, C_in] (KRSC) holds our
@@ -18,7 +19,8 @@ import spconv.pytorch as spconv
 import spconv.pytorch.ops as spconv_ops
 import torch
 
-spconv_ops.get_current_stream = lambda: 0
+if not torch.cuda.is_available():  # CPU only: asking torch for a CUDA stream fails
+  spconv_ops.get_current_stream = lambda: 0
 
 
 def to_spconv_weight(w) -> torch.Tensor:
@@ -28,20 +30,22 @@ def to_spconv_weight(w) -> torch.Tensor:
   return torch.from_numpy(np.ascontiguousarray(w.reshape(3, 3, cin, cout).transpose(3, 0, 1, 2)))
 
 
-def sparse_tensor(coords, feats, mask, requires_grad=False) -> spconv.SparseConvTensor:
+def sparse_tensor(coords, feats, mask, requires_grad=False,
+                  device="cpu") -> spconv.SparseConvTensor:
   """Our padded [V, S, 2] / [V, S, C] / [V, S] -> an spconv tensor of the active rows.
 
   The spatial shape is max coordinate + 3, so every stride-2 window holding an
   active input exists (this project's default: no batch-wide clipping).
+  `device` is a torch device ("cuda" runs spconv's GPU kernels).
   """
   coords, feats, mask = (np.asarray(a) for a in (coords, feats, mask))
   v, s = mask.shape
   vi = np.broadcast_to(np.arange(v)[:, None], (v, s))[mask]
   idx = np.concatenate([vi[:, None], coords[mask]], axis=1).astype(np.int32)
-  f = torch.from_numpy(np.ascontiguousarray(feats[mask].astype(np.float32)))
+  f = torch.from_numpy(np.ascontiguousarray(feats[mask].astype(np.float32))).to(device)
   f.requires_grad_(requires_grad)
   size = int(coords[mask].max(initial=0)) + 3
-  return spconv.SparseConvTensor(f, torch.from_numpy(idx), [size, size], v)
+  return spconv.SparseConvTensor(f, torch.from_numpy(idx).to(device), [size, size], v)
 
 
 def subm_conv(c_in, c_out, key="subm") -> spconv.SubMConv2d:

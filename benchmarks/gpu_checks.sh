@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Every GPU check of the project in one run, for a short lease on an NVIDIA card:
+#   1. the kernel, sparse-core and conformance tests on the GPU (Pallas kernels
+#      compiled by Triton, not interpreted; float32 matmuls at "highest"
+#      precision so the tests' float32 tolerances apply rather than TF32's);
+#   2. the card's dense matrix rate (XLA GEMM 8192^3, float32/TF32 and bfloat16);
+#   3. the sparse-conv kernel benchmark (every GPU implementation + spconv on CUDA);
+#   4. the training-step benchmark (views/s per kernel + PyTorch/spconv on CUDA);
+#   5. the training program end to end (synthetic bank, batch 256, input pipeline
+#      included).
+# Usage, from the repository root:  benchmarks/gpu_checks.sh OUTDIR
+# Each step's log and JSON land in OUTDIR; a failing step does not stop the rest.
+set -uo pipefail
+out=${1:?usage: benchmarks/gpu_checks.sh OUTDIR}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name (limit ${limit}s, $(date -u +%T))"
+  timeout "$limit" "$@" 2>&1 | tee "$out/$name.log"
+  echo "=== $name rc=${PIPESTATUS[0]} ($(date -u +%T))"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+python3 -c "import jax, jaxlib; print('jax', jax.__version__, jax.devices())"
+
+step tests "${GPU_TESTS_S:-180}" env JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest \
+  python3 -m pytest -q -p no:cacheprovider -k "not pallas_tpu and not over_devices" \
+  tests/test_kernels.py tests/test_conformance.py tests/test_sparse_core.py
+
+step gemm 60 python3 - <<'EOF'
+import time, jax, jax.numpy as jnp
+n = 8192
+for dt in (jnp.float32, jnp.bfloat16):
+  a = jax.random.normal(jax.random.key(0), (n, n), dt)
+  b = jax.random.normal(jax.random.key(1), (n, n), dt)
+  f = jax.jit(lambda a, b: a @ b)
+  f(a, b).block_until_ready()
+  ts = []
+  for _ in range(10):
+    t = time.perf_counter(); f(a, b).block_until_ready(); ts.append(time.perf_counter() - t)
+  ts.sort()
+  print(f"{jax.devices()[0].device_kind} XLA GEMM {n}^3 {jnp.dtype(dt).name} (default precision): "
+        f"{2 * n**3 / ts[len(ts) // 2] / 1e12:.0f} TFLOP/s (median of 10)")
+EOF
+
+step kernels "${GPU_KERNELS_S:-220}" python3 -m gigassl_jax.kernels.sparse_conv.bench \
+  --out="$out/kernels_gpu.json" --shapes=train,train256,slide16k,slide100k \
+  --impls=gather,pairs,pallas_gpu --spconv_threads=1 --repeats="${GPU_REPEATS:-10}"
+
+step train_bench "${GPU_TRAIN_S:-150}" python3 benchmarks/bench_train.py --batch=256 \
+  --impls=gather,pairs,pallas_gpu --repeats="${GPU_REPEATS:-10}"
+
+run=$(mktemp -d)
+step train_cli "${GPU_CLI_S:-100}" python3 -m gigassl_jax.train \
+  --flagfile=experiments/base.flags --workdir="$run" --data_bank=synthetic \
+  --data_synthetic_shape=1024,4,64,256 --train_steps=120 --train_log_every=20 \
+  --train_ckpt_every=1000 --notrain_progress
+cp "$run/metrics.jsonl" "$out/train_cli_metrics.jsonl" 2>/dev/null
