@@ -6,18 +6,24 @@
 #   2. the card's dense matrix rate (XLA GEMM 8192^3, float32/TF32 and bfloat16);
 #   3. the sparse-conv kernel benchmark (every GPU implementation + spconv on CUDA);
 #   4. the training-step benchmark (views/s per kernel + PyTorch/spconv on CUDA);
-#   5. the training program end to end (synthetic bank, batch 256, input pipeline
+#   5. the SparseConvNet golden vectors (conformance) with each GPU implementation;
+#   6. the host input pipeline (views/s per number of reading processes);
+#   7. the training program end to end (synthetic bank, batch 256, input pipeline
 #      included).
-# Usage, from the repository root:  benchmarks/gpu_checks.sh OUTDIR
-# Each step's log and JSON land in OUTDIR; a failing step does not stop the rest.
+# Usage, from the repository root:  [GPU_STEPS="kernels train_cli"] benchmarks/gpu_checks.sh OUTDIR
+# GPU_STEPS picks steps (default: all); each step's log and JSON land in OUTDIR;
+# a failing step does not stop the rest.
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu_checks.sh OUTDIR}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 
+steps=${GPU_STEPS:-tests gemm kernels train_bench conformance_gather conformance_pallas_gpu \
+  conformance_pairs input train_cli}
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$2
   shift 2
+  case " $steps " in *" $name "*) ;; *) return 0 ;; esac
   echo "=== $name (limit ${limit}s, $(date -u +%T))"
   timeout "$limit" "$@" 2>&1 | tee "$out/$name.log"
   echo "=== $name rc=${PIPESTATUS[0]} ($(date -u +%T))"
@@ -26,7 +32,7 @@ step() {  # step NAME SECONDS COMMAND...
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 python3 -c "import jax, jaxlib; print('jax', jax.__version__, jax.devices())"
 
-step tests "${GPU_TESTS_S:-180}" env JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest \
+step tests "${GPU_TESTS_S:-300}" env JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest \
   python3 -m pytest -q -p no:cacheprovider -k "not pallas_tpu and not over_devices" \
   tests/test_kernels.py tests/test_conformance.py tests/test_sparse_core.py
 
@@ -52,6 +58,13 @@ step kernels "${GPU_KERNELS_S:-220}" python3 -m gigassl_jax.kernels.sparse_conv.
 
 step train_bench "${GPU_TRAIN_S:-150}" python3 benchmarks/bench_train.py --batch=256 \
   --impls=gather,pairs,pallas_gpu --repeats="${GPU_REPEATS:-10}"
+
+for impl in gather pallas_gpu pairs; do
+  step conformance_$impl 60 env JAX_DEFAULT_MATMUL_PRECISION=highest \
+    python3 -m gigassl_jax.sparse.conformance tests/fixtures/golden_scn --implementation=$impl
+done
+
+step input 120 python3 benchmarks/bench_input.py --workers=0,4,auto --synthetic=512,8,256,256
 
 run=$(mktemp -d)
 step train_cli "${GPU_CLI_S:-100}" python3 -m gigassl_jax.train \

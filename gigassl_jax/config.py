@@ -46,6 +46,7 @@ class Config:
   data_scale_range: tuple[float, float] = (0.7, 1.3)
   data_prefetch: int = 2
   data_read_threads: int = 8
+  data_workers: int = -1  # -1 = auto (data.auto_workers)
   data_synthetic_shape: tuple[int, int, int, int] = (64, 4, 32, 32)
   # model
   model_in_features: int = 0  # 0 = the bank's feature dimension
@@ -123,6 +124,10 @@ class Config:
          f"--data_synthetic_shape must be 4 positive ints (slides, naug, tiles, dim), "
          f"got {self.data_synthetic_shape}")
     need(self.data_prefetch >= 1, f"--data_prefetch must be >= 1, got {self.data_prefetch}")
+    need(self.data_read_threads >= 1,
+         f"--data_read_threads must be >= 1, got {self.data_read_threads}")
+    need(self.data_workers >= -1,
+         f"--data_workers must be >= 0 (or -1 = auto), got {self.data_workers}")
     need(self.train_batch_size >= 2,
          f"--train_batch_size must be >= 2 (NT-Xent needs negatives), got {self.train_batch_size}")
     need(self.train_steps > 0 or self.train_epochs > 0,
@@ -189,7 +194,11 @@ def define_flags() -> None:
   flags.DEFINE_integer("data_prefetch", _D.data_prefetch,
                        "Steps of views prepared ahead in a background thread.")
   flags.DEFINE_integer("data_read_threads", _D.data_read_threads,
-                       "Threads reading bank records.")
+                       "Threads reading bank records (when --data_workers=0).")
+  flags.DEFINE_integer("data_workers", _D.data_workers,
+                       "Processes reading bank records; 0 = threads of the training "
+                       "process; -1 = auto (cores - 2, at most 32, on a machine with >= 8 "
+                       "cores, else 0).")
   flags.DEFINE_list("data_synthetic_shape", [str(x) for x in _D.data_synthetic_shape],
                     "slides,naug,tiles,dim of the bank made for --data_bank=synthetic.")
   # model

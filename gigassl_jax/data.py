@@ -27,14 +27,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from gigassl_jax import bank as bank_lib
+from gigassl_jax import sampling
 from gigassl_jax.sparse import coord_augment, maps
-
-# Streams of the sampling seed, so the draws of different purposes never overlap.
-_SHUFFLE, _VIEWS = 1, 2
-
 
 class ViewSampler:
   """Draws the 2 views of every slide of a step's global batch.
+
+  Reading uses `workers` processes (sampling.ReaderPool; the same views as
+  threads, faster on many-core hosts) or, with workers=0, `read_threads`
+  threads of this process.
 
   Attributes:
     steps_per_epoch: len(bank) // batch_size (the last partial batch of an
@@ -42,7 +43,8 @@ class ViewSampler:
   """
 
   def __init__(self, reader, *, batch_size: int, tiles: int, seed: int,
-               process_index: int = 0, process_count: int = 1, read_threads: int = 8):
+               process_index: int = 0, process_count: int = 1, read_threads: int = 8,
+               workers: int = 0):
     n = len(reader)
     if batch_size > n:
       raise ValueError(
@@ -57,29 +59,25 @@ class ViewSampler:
     self.steps_per_epoch = n // batch_size
     self.local_size = batch_size // process_count
     self.local_start = process_index * self.local_size
-    self._pool = concurrent.futures.ThreadPoolExecutor(max(1, read_threads))
+    # Reading: `workers` processes (sampling.ReaderPool), or with 0, threads of
+    # this process (enough on a small CPU; record decoding holds the GIL).
+    self._threads = max(1, read_threads)
+    self._procs = self._pool = None
+    if workers > 0:
+      self._procs = sampling.ReaderPool(reader.path, workers)
+    else:
+      self._pool = concurrent.futures.ThreadPoolExecutor(self._threads)
 
   def slides(self, step: int) -> np.ndarray:
     """int64 [B]: slide indices of the global batch of `step`."""
     epoch, i = divmod(step, self.steps_per_epoch)
-    perm = np.random.default_rng([self.seed, _SHUFFLE, epoch]).permutation(len(self.reader))
+    perm = sampling.slide_order(self.seed, epoch, len(self.reader))
     return perm[i * self.batch_size:(i + 1) * self.batch_size]
 
   def draws(self, step: int, position: int):
     """(aug [2], tiles [2, T]) of the slide at `position` in the global batch."""
-    rng = np.random.default_rng([self.seed, _VIEWS, step, position])
-    aug = rng.integers(0, self.reader.n_aug, size=2)
-    tiles = rng.integers(0, self.reader.n_tiles, size=(2, self.tiles))
-    return aug, tiles
-
-  def _one(self, step, position, slide):
-    aug, tiles = self.draws(step, position)
-    feats, xy = [], []
-    for v in range(2):
-      f, c = self.reader.get(int(slide), int(aug[v]))
-      feats.append(f[tiles[v]])
-      xy.append(c[tiles[v]])
-    return np.stack(feats), np.stack(xy)
+    return sampling.draws(self.seed, step, position, self.reader.n_aug, self.reader.n_tiles,
+                          self.tiles)
 
   def local_batch(self, step: int) -> dict:
     """This process's share of the views of `step`.
@@ -91,16 +89,26 @@ class ViewSampler:
     """
     slides = self.slides(step)
     pos = np.arange(self.local_start, self.local_start + self.local_size)
-    out = list(self._pool.map(lambda p: self._one(step, p, slides[p]), pos))
+    if self._procs is not None:
+      feats, xy = self._procs.read(self.seed, step, pos, slides[pos], self.tiles)
+    else:
+      chunks = [c for c in np.array_split(pos, self._threads) if len(c)]
+      parts = list(self._pool.map(lambda c: sampling.read_views(
+          self.reader, self.seed, step, c, slides[c], self.tiles), chunks))
+      feats = np.concatenate([p[0] for p in parts])
+      xy = np.concatenate([p[1] for p in parts])
     return {
-        "feats": np.stack([o[0] for o in out]),
-        "xy": np.stack([o[1] for o in out]).astype(np.int32),
+        "feats": feats,
+        "xy": xy,
         "position": pos.astype(np.int32),
         "slide": slides[pos].astype(np.int32),
     }
 
   def close(self):
-    self._pool.shutdown(wait=False)
+    if self._pool is not None:
+      self._pool.shutdown(wait=False)
+    if self._procs is not None:
+      self._procs.close()
 
 
 class Prefetcher:

@@ -40,7 +40,7 @@ from jax.sharding import PartitionSpec as P
 from gigassl_jax import bank as bank_lib
 from gigassl_jax import config as config_lib
 from gigassl_jax import data as data_lib
-from gigassl_jax import losses, models
+from gigassl_jax import losses, models, sampling
 from gigassl_jax.sparse import coord_augment
 
 AXIS = "data"
@@ -375,7 +375,7 @@ def run(cfg: config_lib.Config) -> dict:
   sampler = data_lib.ViewSampler(
       reader, batch_size=cfg.train_batch_size, tiles=cfg.data_tiles, seed=cfg.train_seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      read_threads=cfg.data_read_threads)
+      read_threads=cfg.data_read_threads, workers=sampling.auto_workers(cfg.data_workers))
   spe = sampler.steps_per_epoch
   total = cfg.train_steps if cfg.train_steps > 0 else max(1, round(cfg.train_epochs * spe))
   if is_main:

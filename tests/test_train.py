@@ -17,6 +17,7 @@ from flax import nnx
 from gigassl_jax import bank as bank_lib
 from gigassl_jax import config as config_lib
 from gigassl_jax import data as data_lib
+from gigassl_jax import sampling
 from gigassl_jax import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -108,6 +109,23 @@ def test_sampler_is_a_function_of_step_and_process_shares_concatenate(bank_dir):
     np.testing.assert_array_equal(whole[k], np.concatenate([p[k] for p in parts]))
   other = data_lib.ViewSampler(r, batch_size=8, tiles=5, seed=7).local_batch(4)
   assert not np.array_equal(whole["feats"], other["feats"])
+
+
+def test_worker_processes_read_the_same_views_as_threads(bank_dir):
+  """--data_workers > 0 (spawned reader processes) changes speed, never the views."""
+  r = bank_lib.open_bank(bank_dir)
+  threads = data_lib.ViewSampler(r, batch_size=8, tiles=5, seed=11, read_threads=3)
+  procs = data_lib.ViewSampler(r, batch_size=8, tiles=5, seed=11, workers=3)
+  try:
+    for step in (0, 5):
+      a, b = threads.local_batch(step), procs.local_batch(step)
+      for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=f"step {step} {k}")
+  finally:
+    threads.close()
+    procs.close()
+  assert sampling.auto_workers(0) == 0 and sampling.auto_workers(5) == 5
+  assert 0 <= sampling.auto_workers(-1) <= 32
 
 
 def test_sampler_rejects_batch_larger_than_bank(bank_dir):
