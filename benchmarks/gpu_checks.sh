@@ -60,7 +60,7 @@ step train_bench "${GPU_TRAIN_S:-150}" python3 benchmarks/bench_train.py --batch
   --impls=gather,pairs,pallas_gpu --repeats="${GPU_REPEATS:-10}"
 
 for impl in gather pallas_gpu pairs; do
-  step conformance_$impl 60 env JAX_DEFAULT_MATMUL_PRECISION=highest \
+  step conformance_$impl 300 env JAX_DEFAULT_MATMUL_PRECISION=highest \
     python3 -m gigassl_jax.sparse.conformance tests/fixtures/golden_scn --implementation=$impl
 done
 

@@ -98,7 +98,9 @@ class ReaderPool:
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
   def close(self):
-    self._pool.shutdown(wait=False, cancel_futures=True)
+    # Waits for the workers to exit: one still starting would otherwise open
+    # the bank after the caller may have removed it.
+    self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def auto_workers(requested: int = -1) -> int:
