@@ -51,54 +51,8 @@ _OUT = flags.DEFINE_string("out", None, "Write the results as a Markdown file he
 
 
 # ----------------------------------------------------------------------------
-# PyTorch twins (torchvision module names, so state_dict keys match).
-
-
-def _torch_resnet18_trunk(torch):
-  nn = torch.nn
-
-  class BasicBlock(nn.Module):
-
-    def __init__(self, cin, cout, stride):
-      super().__init__()
-      self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-      self.bn1 = nn.BatchNorm2d(cout)
-      self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-      self.bn2 = nn.BatchNorm2d(cout)
-      self.downsample = None
-      if stride != 1 or cin != cout:
-        self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-      idt = x if self.downsample is None else self.downsample(x)
-      y = torch.relu(self.bn1(self.conv1(x)))
-      return torch.relu(self.bn2(self.conv2(y)) + idt)
-
-  class Trunk(nn.Module):
-    """ResNet18 conv1..layer3 + mean pool; input normalised NCHW."""
-
-    def __init__(self):
-      super().__init__()
-      self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-      self.bn1 = nn.BatchNorm2d(64)
-      self.maxpool = nn.MaxPool2d(3, 2, 1)
-      self.layer1 = nn.Sequential(BasicBlock(64, 64, 1), BasicBlock(64, 64, 1))
-      self.layer2 = nn.Sequential(BasicBlock(64, 128, 2), BasicBlock(128, 128, 1))
-      self.layer3 = nn.Sequential(BasicBlock(128, 256, 2), BasicBlock(256, 256, 1))
-
-    def forward(self, x):
-      x = self.maxpool(torch.relu(self.bn1(self.conv1(x))))
-      return self.layer3(self.layer2(self.layer1(x))).mean(dim=(2, 3))
-
-  model = Trunk().eval()
-  with torch.no_grad():
-    for m in model.modules():
-      if isinstance(m, nn.BatchNorm2d):
-        m.weight.uniform_(0.5, 1.5)
-        m.bias.normal_(0, 0.2)
-        m.running_mean.normal_(0, 0.2)
-        m.running_var.uniform_(0.5, 2.0)
-  return model
+# PyTorch twins: ResNet18 is gigassl_jax.encoder_peer (shared with the tests);
+# EfficientNet-Lite0 is here.
 
 
 def _torch_lite0(torch, sd):
@@ -182,13 +136,12 @@ def _fold_bn(torch, model):
 def _build(torch, name, tmpdir):
   """-> (gigassl_jax Encoder, torch forwards (BN modules, BN folded) on NHWC [0, 1])."""
   if name == "resnet18":
-    model = _torch_resnet18_trunk(torch)
+    from gigassl_jax import encoder_peer  # pylint: disable=g-import-not-at-top  (peer only)
+    model = encoder_peer.resnet18()
     path = os.path.join(tmpdir, "resnet18.pth")
     torch.save(model.state_dict(), path)
     enc = encoders.get_encoder("resnet18", path)
-    mean = torch.tensor(encoders.IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(encoders.IMAGENET_STD).view(1, 3, 1, 1)
-    prep = lambda x: (x.permute(0, 3, 1, 2) - mean) / std
+    prep = encoder_peer.normalise
   elif name == "efficientnet_lite0":
     enc = encoders.get_encoder("efficientnet_lite0")
     sd = torch.load(encoders.bundled_efficientnet_lite0_path(), map_location="cpu", weights_only=True)

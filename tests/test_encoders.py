@@ -15,67 +15,10 @@ def _fresh_seed():
   return int.from_bytes(os.urandom(4), "little")
 
 
-# ----------------------------------------------------------------------------
-# A torchvision-equivalent ResNet18 written with plain torch (torchvision is not
-# a dependency); module names match torchvision so its state_dict keys do.
-
-
 def _torch_resnet18():
-  torch = pytest.importorskip("torch")
-  nn = torch.nn
-
-  class BasicBlock(nn.Module):
-
-    def __init__(self, cin, cout, stride):
-      super().__init__()
-      self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-      self.bn1 = nn.BatchNorm2d(cout)
-      self.relu = nn.ReLU(inplace=True)
-      self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-      self.bn2 = nn.BatchNorm2d(cout)
-      self.downsample = None
-      if stride != 1 or cin != cout:
-        self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-      idt = x if self.downsample is None else self.downsample(x)
-      y = self.relu(self.bn1(self.conv1(x)))
-      return self.relu(self.bn2(self.conv2(y)) + idt)
-
-  class ResNet18(nn.Module):
-
-    def __init__(self):
-      super().__init__()
-      self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-      self.bn1 = nn.BatchNorm2d(64)
-      self.relu = nn.ReLU(inplace=True)
-      self.maxpool = nn.MaxPool2d(3, 2, 1)
-      cin = 64
-      for i, (cout, stride) in enumerate(((64, 1), (128, 2), (256, 2), (512, 2))):
-        setattr(self, f"layer{i + 1}", nn.Sequential(BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)))
-        cin = cout
-      self.fc = nn.Linear(512, 1000)
-
-    def trunk_features(self, images_nhwc01):
-      """Same contract as the JAX encoder: NHWC [0, 1] -> [B, 256]."""
-      mean = torch.tensor(encoders.IMAGENET_MEAN).view(1, 3, 1, 1)
-      std = torch.tensor(encoders.IMAGENET_STD).view(1, 3, 1, 1)
-      x = (images_nhwc01.permute(0, 3, 1, 2) - mean) / std
-      x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-      x = self.layer3(self.layer2(self.layer1(x)))
-      return x.mean(dim=(2, 3))
-
-  torch.manual_seed(_fresh_seed())
-  model = ResNet18().eval()
-  # Random BN statistics/affines, so that a wrong BN fold would show.
-  with torch.no_grad():
-    for m in model.modules():
-      if isinstance(m, nn.BatchNorm2d):
-        m.weight.uniform_(0.5, 1.5)
-        m.bias.normal_(0, 0.2)
-        m.running_mean.normal_(0, 0.2)
-        m.running_var.uniform_(0.5, 2.0)
-  return model
+  pytest.importorskip("torch")
+  from gigassl_jax import encoder_peer  # pylint: disable=g-import-not-at-top  (peer only)
+  return encoder_peer.resnet18(seed=_fresh_seed())
 
 
 def _compare_resnet(model, encoder):
