@@ -116,18 +116,19 @@ def _bwd(n_out, res, g):
   del n_out
   x, w, src, dst, tap, n_used = res
 
-  # Two loops, so that XLA drops the dx loop when the input needs no gradient
-  # (the pooling network's first conv: tile embeddings are frozen).
-  def dx_body(t, dx):
+  # One loop for both gradients: each tile's g rows are gathered once and feed
+  # both GEMMs. When the input needs no gradient (the pooling network's first
+  # conv: tile embeddings are frozen) the dx carry is dead, and XLA's while-loop
+  # simplifier drops it with its GEMM and scatter.
+  def body(t, carry):
+    dx, dw = carry
     gt = _rows(g, dst[t]).astype(x.dtype)  # [T, C_out]; zero on unused slots
-    return dx.at[src[t]].add(_dot(gt, w[tap[t]].T), mode="drop", unique_indices=True)
+    dx = dx.at[src[t]].add(_dot(gt, w[tap[t]].T), mode="drop", unique_indices=True)
+    dw = dw.at[tap[t]].add(_dot(_rows(x, src[t]).T, gt))
+    return dx, dw
 
-  def dw_body(t, dw):
-    gt = _rows(g, dst[t]).astype(x.dtype)
-    return dw.at[tap[t]].add(_dot(_rows(x, src[t]).T, gt))
-
-  dx = jax.lax.fori_loop(0, n_used, dx_body, jnp.zeros(x.shape, jnp.float32))
-  dw = jax.lax.fori_loop(0, n_used, dw_body, jnp.zeros(w.shape, jnp.float32))
+  dx, dw = jax.lax.fori_loop(0, n_used, body, (jnp.zeros(x.shape, jnp.float32),
+                                               jnp.zeros(w.shape, jnp.float32)))
   return (dx.astype(x.dtype), dw.astype(w.dtype), None, None, None, None)
 
 
