@@ -20,8 +20,7 @@ class PoolingNet(nnx.Module):
   """Sparse ResNet18 layer4 (two basic blocks) + global mean over active sites.
 
   Block 0 (C_in -> C): strided 3x3/2 conv -> BN -> ReLU -> submanifold 3x3 -> BN;
-  shortcut 3x3/2 average pool (sum / 9) -> 1x1 conv -> BN; sum, ReLU. (The
-  strided conv and the shortcut run as one conv, see _strided_and_shortcut.)
+  shortcut 3x3/2 average pool (sum / 9) -> 1x1 conv -> BN; sum, ReLU.
   Block 1 (C -> C): submanifold 3x3 -> BN -> ReLU -> submanifold 3x3 -> BN, plus
   identity, ReLU. No conv has a bias.
   """
@@ -71,39 +70,16 @@ class PoolingNet(nnx.Module):
     rb_m = tables.submanifold_rulebook(out, ksize=3, builder=self.table_builder)
     m = rb_s.out_mask
 
-    a, s = self._strided_and_shortcut(x, rb_s)
-    a = layers.relu(self.b0_norm1(a, m))
+    a = layers.relu(self.b0_norm1(self.b0_conv1(x, rb_s), m))
     a = self.b0_norm2(self.b0_conv2(a, rb_m), m)
-    h = layers.relu(a + self.b0_normd(s, m))
+    # Shortcut: avg-pool then 1x1 conv == 1x1 conv then avg-pool (both linear,
+    # the 1x1 acts per site); on the S input rows the matmul is 4x smaller than
+    # on the 4S output rows.
+    s = self.b0_normd(layers.avg_pool(self.b0_convd(x, None), rb_s), m)
+    h = layers.relu(a + s)
     b = layers.relu(self.b1_norm1(self.b1_conv1(h, rb_m), m))
     b = self.b1_norm2(self.b1_conv2(b, rb_m), m)
     return out.replace(feats=layers.relu(b + h))
-
-  def _strided_and_shortcut(self, x, rb_s):
-    """(strided conv 3x3/2, shortcut avg-pool 3x3/2 then 1x1 conv) of block 0.
-
-    The shortcut is linear and reads the strided conv's windows, so
-    avg_pool(x) @ Wd = sum_k x[nbr[o, k]] @ (Wd / 9): both are ONE sparse conv
-    with the weights side by side, [K, C_in, 2C] = [W1[k] | Wd / 9]. At the
-    training shape (~1 input per window) that costs ~2x the FLOPs of the
-    pooled 1x1 conv, but replaces K row gathers over all 4S output rows (and
-    their backward, which XLA fused into a 70 ms transposing loop) by wider,
-    faster GEMMs on the pairs the strided conv reads anyway.
-
-    Returns:
-      (strided conv output, shortcut before its BN), each [V, 4S, C].
-    """
-    c1, cd = self.b0_conv1, self.b0_convd
-    if c1.in_features != x.shape[-1]:
-      raise ValueError(
-          f"SparseConv expects {c1.in_features} input channels, got {x.shape[-1]}")
-    dtype = c1.dtype
-    wd = cd.weight[...][0].astype(dtype) / rb_s.taps  # [C_in, C]
-    w = jnp.concatenate(
-        [c1.weight[...].astype(dtype), jnp.broadcast_to(wd, c1.weight.shape)], axis=-1)
-    y = layers.conv_api.sparse_conv(x.astype(dtype), w, rb_s,
-                                    implementation=c1.implementation)
-    return y[..., :self.features], y[..., self.features:]
 
   def __call__(self, smap: maps.SparseMap, spatial_size=None):
     """[V, C] slide-view representations (global mean over active output sites)."""
