@@ -23,8 +23,9 @@ def avg_pool(feats, rulebook):
 
   SparseConvNet divides by the filter volume, not by the number of active
   inputs. Shares the strided convolution's rule book (same output sites).
-  K row gathers (no [V, S_out, K, C] intermediate); the backward gathers through
-  the mirrored table, so it is deterministic.
+  Sums the real (input, output) pairs tile by tile (pairs.window_sum: the
+  strided conv's plan, no [V, S_out, K, C] intermediate); forward and backward
+  run the same tiles in a fixed order, so both are deterministic.
 
   Args:
     feats: [V, S_in, C]; rulebook: tables.strided_rulebook(...).
