@@ -6,6 +6,8 @@ All layers take and return features [V, S, C] on the site set of a SparseMap
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -21,8 +23,9 @@ def avg_pool(feats, rulebook):
 
   SparseConvNet divides by the filter volume, not by the number of active
   inputs. Shares the strided convolution's rule book (same output sites).
-  K row gathers (no [V, S_out, K, C] intermediate); the backward gathers through
-  the mirrored table, so it is deterministic.
+  Sums the real (input, output) pairs tile by tile (pairs.window_sum: the
+  strided conv's plan, no [V, S_out, K, C] intermediate); forward and backward
+  run the same tiles in a fixed order, so both are deterministic.
 
   Args:
     feats: [V, S_in, C]; rulebook: tables.strided_rulebook(...).
@@ -89,17 +92,66 @@ def batch_norm(x, mask, scale, bias, running_mean, running_var, *, train: bool,
     (y [V, S, C] zero on padding rows, new_running_mean, new_running_var).
   """
   if train:
-    mean, var, n = masked_moments(x, mask, axis_name)
+    y, mean, var, n = _bn_train(x, mask, scale, bias, axis_name, eps)
     unbiased = var * n / jnp.maximum(n - 1.0, 1.0)
     new_mean = momentum * running_mean + (1.0 - momentum) * mean
     new_var = momentum * running_var + (1.0 - momentum) * unbiased
-  else:
-    mean, var = running_mean, running_var
-    new_mean, new_var = running_mean, running_var
+    return y, new_mean, new_var
+  y = _normalise(x, mask, scale, bias, running_mean, running_var, eps)
+  return y, running_mean, running_var
+
+
+def _normalise(x, mask, scale, bias, mean, var, eps):
   inv = jax.lax.rsqrt(var + eps) * scale
   y = (x.astype(jnp.float32) - mean) * inv + bias
-  y = jnp.where(mask[..., None], y, 0).astype(x.dtype)
-  return y, new_mean, new_var
+  return jnp.where(mask[..., None], y, 0).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _bn_train(x, mask, scale, bias, axis_name, eps):
+  """(y, batch mean, biased batch variance, count) of train-mode batch norm.
+
+  A hand-written backward: autodiff of the two-pass moments and the masked
+  normalisation made XLA run several more passes over the [V, S, C] rows
+  (memory-bound on CPU); this one reads x and g twice (two per-channel sums,
+  then dx in one pass). Collectives follow the training step's
+  check_vma=False convention: statistics are psum'd over `axis_name`, so are
+  the sums that dx needs; dscale and dbias are this device's own sums.
+  """
+  mean, var, n = masked_moments(x, mask, axis_name)
+  return _normalise(x, mask, scale, bias, mean, var, eps), mean, var, n
+
+
+def _bn_train_fwd(x, mask, scale, bias, axis_name, eps):
+  out = _bn_train(x, mask, scale, bias, axis_name, eps)
+  _, mean, var, n = out
+  return out, (x, mask, scale, mean, var, n)
+
+
+def _bn_train_bwd(axis_name, eps, res, cts):
+  x, mask, scale, mean, var, n = res
+  g, g_mean, g_var, _ = cts
+  m = mask[..., None]
+  red = tuple(range(x.ndim - 1))
+  xc = x.astype(jnp.float32) - mean
+  gm = jnp.where(m, g.astype(jnp.float32), 0)
+  rstd = jax.lax.rsqrt(var + eps)
+  dbias = jnp.sum(gm, axis=red)
+  dscale = jnp.sum(gm * xc, axis=red) * rstd  # sum g * xhat over active rows
+  sums = (dbias, dscale, g_mean, g_var)
+  if axis_name is not None:
+    sums = jax.lax.psum(sums, axis_name)
+  a_sum, b_sum, c_sum, d_sum = sums
+  inv_n = 1.0 / jnp.maximum(n, 1.0)
+  a = rstd * scale
+  # dx = a (g - A/n - xhat B/n) + C/n + 2 (x - mean) D/n, on active rows.
+  k = (2.0 * d_sum - a * rstd * b_sum) * inv_n
+  b0 = (c_sum - a * a_sum) * inv_n
+  dx = jnp.where(m, a * gm + k * xc + b0, 0).astype(x.dtype)
+  return dx, None, dscale.astype(scale.dtype), dbias.astype(scale.dtype)
+
+
+_bn_train.defvjp(_bn_train_fwd, _bn_train_bwd)
 
 
 # ------------------------------------------------------------------ modules --

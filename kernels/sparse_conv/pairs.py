@@ -116,18 +116,19 @@ def _bwd(n_out, res, g):
   del n_out
   x, w, src, dst, tap, n_used = res
 
-  # Two loops, so that XLA drops the dx loop when the input needs no gradient
-  # (the pooling network's first conv: tile embeddings are frozen).
-  def dx_body(t, dx):
+  # One loop for both gradients: each tile's g rows are gathered once and feed
+  # both GEMMs. When the input needs no gradient (the pooling network's first
+  # conv: tile embeddings are frozen) the dx carry is dead, and XLA's while-loop
+  # simplifier drops it with its GEMM and scatter.
+  def body(t, carry):
+    dx, dw = carry
     gt = _rows(g, dst[t]).astype(x.dtype)  # [T, C_out]; zero on unused slots
-    return dx.at[src[t]].add(_dot(gt, w[tap[t]].T), mode="drop", unique_indices=True)
+    dx = dx.at[src[t]].add(_dot(gt, w[tap[t]].T), mode="drop", unique_indices=True)
+    dw = dw.at[tap[t]].add(_dot(_rows(x, src[t]).T, gt))
+    return dx, dw
 
-  def dw_body(t, dw):
-    gt = _rows(g, dst[t]).astype(x.dtype)
-    return dw.at[tap[t]].add(_dot(_rows(x, src[t]).T, gt))
-
-  dx = jax.lax.fori_loop(0, n_used, dx_body, jnp.zeros(x.shape, jnp.float32))
-  dw = jax.lax.fori_loop(0, n_used, dw_body, jnp.zeros(w.shape, jnp.float32))
+  dx, dw = jax.lax.fori_loop(0, n_used, body, (jnp.zeros(x.shape, jnp.float32),
+                                               jnp.zeros(w.shape, jnp.float32)))
   return (dx.astype(x.dtype), dw.astype(w.dtype), None, None, None, None)
 
 
@@ -164,41 +165,54 @@ def conv_pairs(feats, weight, rulebook, tile: int = DEFAULT_TILE):
   return out.reshape(v, s_out, weight.shape[-1])
 
 
-def _sum_taps(x, nbr):
-  """out[o] = sum_k x[nbr[o, k]] in float32: x [N_in, C], nbr int32 [N_out, K] flat (-1 none)."""
-  out = jnp.zeros((nbr.shape[0], x.shape[1]), jnp.float32)
-  for k in range(nbr.shape[1]):  # one row gather per tap, fused with the sum
-    # Absent taps point past the end, where the gather fills zeros (a -1 would
-    # wrap around to the last row).
-    rows = jnp.where(nbr[:, k] >= 0, nbr[:, k], x.shape[0])
-    out = out + jnp.take(x, rows, axis=0, mode="fill", fill_value=0).astype(jnp.float32)
-  return out
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def tiled_sum(x, src, dst, n_used, n_out):
+  """out[dst[t]] += x[src[t]] for the first n_used tiles: tiled_pairs without weights.
+
+  Args:
+    x: [N_in, C]; src, dst: int32 [n_tiles, T]; n_used: int32 []; n_out: static.
+
+  Returns:
+    [N_out, C] in x's dtype (accumulated in float32, tiles in tap order).
+  """
+  return _scatter_tiles(x, src, dst, n_used, n_out)
 
 
-@jax.custom_vjp
-def _window_sum(x, nbr, nbr_t):
-  return _sum_taps(x, nbr).astype(x.dtype)
+def _scatter_tiles(x, src, dst, n_used, n_out):
+  def body(t, out):
+    return out.at[dst[t]].add(_rows(x, src[t]).astype(jnp.float32), mode="drop",
+                              unique_indices=True)
+
+  out = jax.lax.fori_loop(0, n_used, body, jnp.zeros((n_out, x.shape[1]), jnp.float32))
+  return out.astype(x.dtype)
 
 
-def _window_sum_fwd(x, nbr, nbr_t):
-  return _window_sum(x, nbr, nbr_t), nbr_t
+def _tiled_sum_fwd(x, src, dst, n_used, n_out):
+  return _scatter_tiles(x, src, dst, n_used, n_out), (x.shape[0], src, dst, n_used)
 
 
-def _window_sum_bwd(nbr_t, g):
-  # dx[i] = sum_k g[nbr_t[i, k]]: a gather through the mirrored table, no scatter.
-  return _sum_taps(g, nbr_t).astype(g.dtype), None, None
+def _tiled_sum_bwd(n_out, res, g):
+  del n_out
+  n_in, src, dst, n_used = res
+  # The same tiles with src and dst swapped: dx[src[t]] += g[dst[t]].
+  return _scatter_tiles(g, dst, src, n_used, n_in), None, None, None
 
 
-_window_sum.defvjp(_window_sum_fwd, _window_sum_bwd)
+tiled_sum.defvjp(_tiled_sum_fwd, _tiled_sum_bwd)
 
 
-def window_sum(feats, rulebook):
+def window_sum(feats, rulebook, tile: int = DEFAULT_TILE):
   """Sum of the active inputs in each output's window: out[o] = sum_k feats[nbr[o, k]].
 
   What SparseConvNet's average pooling computes before dividing by the window
-  size (avg_pool = window_sum / 9). K row gathers instead of materialising the
-  [V, S_out, K, C] taps (60x faster on CPU than gather.gather_taps + sum at the
-  training shape); the backward gathers through `nbr_t` (deterministic).
+  size (avg_pool = window_sum / 9). The pairs of the strided conv's plan (the
+  same rule book, so XLA computes the plan once for both) are added tile by
+  tile: ~1 pair per output at the training shape, where K row gathers over all
+  output rows cost 9x more. Tiles run in tap order, so each output's sum has
+  the order sum_k; forward and backward (the same tiles, src and dst swapped)
+  are deterministic. Being a loop, it also keeps XLA from fusing the gathers
+  into their consumers (the backward's gathers of the batch-norm gradient had
+  become a 70 ms transposing loop fusion).
 
   Args:
     feats: [V, S_in, C]; rulebook: tables.Rulebook.
@@ -208,8 +222,8 @@ def window_sum(feats, rulebook):
   """
   v, s_in, c = feats.shape
   s_out = rulebook.nbr.shape[1]
-  out = _window_sum(feats.reshape(v * s_in, c), flat_table(rulebook.nbr, s_in),
-                    flat_table(rulebook.nbr_t, s_out))
+  src, dst, _, n_used = _plan(flat_table(rulebook.nbr, s_in), v * s_in, tile)
+  out = tiled_sum(feats.reshape(v * s_in, c), src, dst, n_used, v * s_out)
   return out.reshape(v, s_out, c)
 
 
@@ -218,4 +232,4 @@ def count_pairs(rulebook) -> jax.Array:
   return jnp.sum(rulebook.nbr >= 0, dtype=jnp.int32)
 
 
-__all__ = ["DEFAULT_TILE", "conv_pairs", "count_pairs", "flat_table", "tiled_pairs", "window_sum"]
+__all__ = ["DEFAULT_TILE", "conv_pairs", "count_pairs", "flat_table", "tiled_pairs", "tiled_sum", "window_sum"]
