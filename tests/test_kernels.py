@@ -284,8 +284,9 @@ def test_matches_spconv(kind):
   _close(ref_out, theirs, 1e-4, f"dense oracle vs spconv {kind}")
 
 
+@pytest.mark.parametrize("method", pairs.WINDOW_SUM_METHODS)
 @pytest.mark.parametrize("kind", ["subm", "strided"])
-def test_window_sum_matches_oracle(kind):
+def test_window_sum_matches_oracle(kind, method):
   """window_sum (average pooling's numerator) = the dense conv with identity taps."""
   seed = np.random.SeedSequence().entropy % 2**31
   x, _, _, rb = _inputs("mixed", kind, 3, 3, jnp.float32, seed)
@@ -293,7 +294,10 @@ def test_window_sum_matches_oracle(kind):
   ct = np.random.default_rng(seed).standard_normal(rb.out_mask.shape + (3,)).astype(np.float32)
   ref, ref_dx, _ = _oracle(x, eye, ct * np.asarray(rb.out_mask)[..., None], rb)
   xin = np.where(np.asarray(rb.in_mask)[..., None], x, np.nan)
-  out, vjp = jax.vjp(lambda a: pairs.window_sum(a, rb), jnp.asarray(xin))
-  _close(out, ref, 1e-5, f"window_sum {kind} seed={seed}")
+  out, vjp = jax.vjp(lambda a: pairs.window_sum(a, rb, method=method), jnp.asarray(xin))
+  _close(out, ref, 1e-5, f"window_sum {method} {kind} seed={seed}")
   (dx,) = vjp(jnp.asarray(ct * np.asarray(rb.out_mask)[..., None]))
-  _close(np.where(np.asarray(rb.in_mask)[..., None], dx, 0), ref_dx, 1e-5, "window_sum d/dx")
+  _close(np.where(np.asarray(rb.in_mask)[..., None], dx, 0), ref_dx, 1e-5,
+         f"window_sum {method} d/dx")
+  with pytest.raises(ValueError, match="valid: "):
+    pairs.window_sum(jnp.asarray(x), rb, method="nope")

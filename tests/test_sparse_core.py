@@ -225,7 +225,10 @@ def test_pooling_net_dense_and_gather_agree_with_gradients(rng):
   vg = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1)))
   la, (gna, gfa) = vg(net_a, sm.feats)
   lb, (gnb, gfb) = vg(net_b, sm.feats)
-  np.testing.assert_allclose(float(la), float(lb), rtol=1e-5)
+  # The loss sums 96 terms of either sign: float32 reordering errors scale with
+  # sum |r| (outputs are O(1) after BN/ReLU), not with the (possibly small) sum.
+  np.testing.assert_allclose(float(la), float(lb), rtol=1e-5,
+                             atol=1e-6 * float(jnp.abs(r).sum()))
   np.testing.assert_allclose(np.asarray(gfa), np.asarray(gfb), rtol=1e-4, atol=1e-5)
   for a, b in zip(jax.tree.leaves(nnx.state(gna, nnx.Param)),
                   jax.tree.leaves(nnx.state(gnb, nnx.Param))):

@@ -18,14 +18,19 @@ from gigassl_jax.kernels.sparse_conv import pairs as pairs_impl
 # ---------------------------------------------------------------- functions --
 
 
+# pairs.window_sum method of avg_pool: None = by backend (tiles on CPU, gathers
+# elsewhere); the kernel benchmark sets it to time the other method.
+AVG_POOL_METHOD: str | None = None
+
+
 def avg_pool(feats, rulebook):
   """3x3 stride-2 average pooling: sum of the active inputs in the window / 9.
 
   SparseConvNet divides by the filter volume, not by the number of active
   inputs. Shares the strided convolution's rule book (same output sites).
-  Sums the real (input, output) pairs tile by tile (pairs.window_sum: the
-  strided conv's plan, no [V, S_out, K, C] intermediate); forward and backward
-  run the same tiles in a fixed order, so both are deterministic.
+  The sum is pairs.window_sum (tiles of the real pairs on CPU, one row gather
+  per tap elsewhere; no [V, S_out, K, C] intermediate); forward and backward
+  are deterministic.
 
   Args:
     feats: [V, S_in, C]; rulebook: tables.strided_rulebook(...).
@@ -33,7 +38,7 @@ def avg_pool(feats, rulebook):
   Returns:
     [V, S_out, C].
   """
-  return pairs_impl.window_sum(feats, rulebook) / rulebook.taps
+  return pairs_impl.window_sum(feats, rulebook, method=AVG_POOL_METHOD) / rulebook.taps
 
 
 def global_mean(feats, mask):

@@ -12,8 +12,10 @@ Per named shape (kernels/sparse_conv/shapes.py):
              forward+backward except for slide100k).
 Rows: every implementation registered in api.IMPLEMENTATIONS (except `dense`,
 whose grid is too large here, and Pallas kernels off their backend), extra
-`pairs@T` tile sizes, `pairs+window_sum_pool` (train shapes: `pairs` with
-layers.avg_pool computed by pairs.window_sum), spconv (when installed) at 1 and 2 torch threads on the
+`pairs@T` tile sizes, `<impl>+pool:<method>` (train shapes: the first
+implementation with the average pool's window sum computed by the method this
+backend does not use by default, see pairs.window_sum), spconv (when installed)
+at 1 and 2 torch threads on the
 same inputs (for slides its index pairs are built before timing, as ours), the
 table builders (sort, hash), and `gemm`: one dense GEMM doing the same useful
 FLOPs (real pairs only), XLA's dense rate on this device.
@@ -104,17 +106,21 @@ def block_flops(smap, c_in, c):
 
 
 @contextlib.contextmanager
-def _window_sum_pool():
-  """layers.avg_pool computed with pairs.window_sum (the proposed fast path)."""
-  old = layers.avg_pool
-  layers.avg_pool = lambda feats, rb: pairs.window_sum(feats, rb) / rb.taps
+def _pool_method(method):
+  """layers.avg_pool with pairs.window_sum's `method` (None = the backend's default)."""
+  old = layers.AVG_POOL_METHOD
+  layers.AVG_POOL_METHOD = method
   try:
     yield
   finally:
-    layers.avg_pool = old
+    layers.AVG_POOL_METHOD = old
 
 
-def _jax_block(impl, shape, builder, window_sum_pool=False):
+def _other_pool_method():
+  return "gather" if jax.default_backend() == "cpu" else "tiles"
+
+
+def _jax_block(impl, shape, builder, pool_method=None):
   """{pass: warmed-up callable} of the whole pooling network."""
   net = models.PoolingNet(shape.c_in, shape.c_out, conv_impl=impl, table_builder=builder,
                           rngs=nnx.Rngs(0))
@@ -132,7 +138,7 @@ def _jax_block(impl, shape, builder, window_sum_pool=False):
   fwd = jax.jit(lambda p, r, s: nnx.merge(gdef, p, jax.tree.map(jnp.asarray, r)).sites(s).feats)
   fb = jax.jit(jax.grad(loss))
   fns = {"fwd": lambda: fwd(params, rest, smap), "fwd_bwd": lambda: fb(params, rest, smap)}
-  with _window_sum_pool() if window_sum_pool else contextlib.nullcontext():
+  with _pool_method(pool_method):
     for f in fns.values():  # compile (traced with the pooling in force)
       _block(f)
   return fns
@@ -288,9 +294,10 @@ def _shape_records(name, impls, repeats, tiles, spconv_threads, spconv_device="c
       arm(impl, functools.partial(_jax_block, impl, shape, tables.DEFAULT_BUILDER))
     else:
       arm(impl, functools.partial(_jax_conv, impl, shape.smap.feats, w, rb, passes))
-  if shape.block and "pairs" in impls:
-    arm("pairs+window_sum_pool", functools.partial(
-        _jax_block, "pairs", shape, tables.DEFAULT_BUILDER, window_sum_pool=True))
+  if shape.block and impls:
+    other = _other_pool_method()
+    arm(f"{impls[0]}+pool:{other}", functools.partial(
+        _jax_block, impls[0], shape, tables.DEFAULT_BUILDER, pool_method=other))
   for th in spconv_threads:
     if spconv_device == "cpu":
       arm(f"spconv(threads={th})", functools.partial(_spconv, shape, passes, th),
