@@ -46,7 +46,7 @@ class Config:
   data_scale_range: tuple[float, float] = (0.7, 1.3)
   data_prefetch: int = 2
   data_read_threads: int = 8
-  data_workers: int = -1  # -1 = auto (data.auto_workers)
+  data_workers: int = -1  # -1 = auto (sampling.auto_workers)
   data_synthetic_shape: tuple[int, int, int, int] = (64, 4, 32, 32)
   # model
   model_in_features: int = 0  # 0 = the bank's feature dimension

@@ -17,7 +17,6 @@ of every global batch.
 
 from __future__ import annotations
 
-import concurrent.futures
 import pathlib
 import queue
 import threading
@@ -59,14 +58,8 @@ class ViewSampler:
     self.steps_per_epoch = n // batch_size
     self.local_size = batch_size // process_count
     self.local_start = process_index * self.local_size
-    # Reading: `workers` processes (sampling.ReaderPool), or with 0, threads of
-    # this process (enough on a small CPU; record decoding holds the GIL).
-    self._threads = max(1, read_threads)
-    self._procs = self._pool = None
-    if workers > 0:
-      self._procs = sampling.ReaderPool(reader.path, workers)
-    else:
-      self._pool = concurrent.futures.ThreadPoolExecutor(self._threads)
+    self._views = (sampling.ReaderPool(reader.path, workers) if workers > 0 else
+                   sampling.ThreadReader(reader, read_threads))
 
   def slides(self, step: int) -> np.ndarray:
     """int64 [B]: slide indices of the global batch of `step`."""
@@ -89,14 +82,7 @@ class ViewSampler:
     """
     slides = self.slides(step)
     pos = np.arange(self.local_start, self.local_start + self.local_size)
-    if self._procs is not None:
-      feats, xy = self._procs.read(self.seed, step, pos, slides[pos], self.tiles)
-    else:
-      chunks = [c for c in np.array_split(pos, self._threads) if len(c)]
-      parts = list(self._pool.map(lambda c: sampling.read_views(
-          self.reader, self.seed, step, c, slides[c], self.tiles), chunks))
-      feats = np.concatenate([p[0] for p in parts])
-      xy = np.concatenate([p[1] for p in parts])
+    feats, xy = self._views.read(self.seed, step, pos, slides[pos], self.tiles)
     return {
         "feats": feats,
         "xy": xy,
@@ -105,10 +91,7 @@ class ViewSampler:
     }
 
   def close(self):
-    if self._pool is not None:
-      self._pool.shutdown(wait=False)
-    if self._procs is not None:
-      self._procs.close()
+    self._views.close()
 
 
 class Prefetcher:

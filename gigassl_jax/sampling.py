@@ -4,12 +4,14 @@ Every random draw is a pure function of (seed, step, position in the global
 batch): which slides a step holds (an epoch-wise shuffle of the bank), and per
 slide and view an augmentation index k and T tile indices drawn with
 replacement. `read_views` turns the draws into tile embeddings and positions;
-`ReaderPool` runs it in worker processes, each with its own bank reader.
+`ReaderPool` runs it in worker processes, each with its own bank reader, and
+`ThreadReader` in threads of this process.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import multiprocessing
 import os
 import pathlib
@@ -84,23 +86,49 @@ class ReaderPool:
 
   def read(self, seed: int, step: int, positions, slides, tiles: int):
     """Same result as read_views(reader, seed, step, positions, slides, tiles)."""
-    positions, slides = np.asarray(positions), np.asarray(slides)
-    chunks = [c for c in np.array_split(np.arange(len(positions)), self.workers) if len(c)]
-    futures = [self._pool.submit(_worker_read, seed, step, positions[c], slides[c], tiles)
-               for c in chunks]
     try:
-      parts = [f.result() for f in futures]
+      return _split_read(self._pool, _worker_read, self.workers, seed, step, positions,
+                         slides, tiles)
     except concurrent.futures.process.BrokenProcessPool as e:
       raise RuntimeError(
           "a bank-reading worker process died: out of memory, or a script that starts "
           "workers outside `if __name__ == '__main__':` (spawned workers import the main "
           "module). Rerun with fewer --data_workers, or 0 for reading threads") from e
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
   def close(self):
     # Waits for the workers to exit: one still starting would otherwise open
     # the bank after the caller may have removed it.
     self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class ThreadReader:
+  """`read_views` split over threads of this process, sharing one bank reader.
+
+  Enough on a small CPU, where worker processes would compete with XLA; record
+  decoding holds the GIL, so more threads do not mean proportionally more speed.
+  """
+
+  def __init__(self, reader, threads: int):
+    self.threads = max(1, threads)
+    self._reader = reader
+    self._pool = concurrent.futures.ThreadPoolExecutor(self.threads)
+
+  def read(self, seed: int, step: int, positions, slides, tiles: int):
+    """Same result as read_views(reader, seed, step, positions, slides, tiles)."""
+    return _split_read(self._pool, functools.partial(read_views, self._reader), self.threads,
+                       seed, step, positions, slides, tiles)
+
+  def close(self):
+    self._pool.shutdown(wait=False)
+
+
+def _split_read(pool, read, parts, seed, step, positions, slides, tiles):
+  """read(seed, step, positions, slides, tiles) on `parts` chunks in `pool`, joined in order."""
+  positions, slides = np.asarray(positions), np.asarray(slides)
+  chunks = [c for c in np.array_split(np.arange(len(positions)), parts) if len(c)]
+  futures = [pool.submit(read, seed, step, positions[c], slides[c], tiles) for c in chunks]
+  out = [f.result() for f in futures]
+  return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out])
 
 
 def auto_workers(requested: int = -1) -> int:

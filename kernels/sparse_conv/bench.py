@@ -117,7 +117,7 @@ def _pool_method(method):
 
 
 def _other_pool_method():
-  return "gather" if jax.default_backend() == "cpu" else "tiles"
+  return next(m for m in pairs.WINDOW_SUM_METHODS if m != pairs.default_window_sum_method())
 
 
 def _jax_block(impl, shape, builder, pool_method=None):

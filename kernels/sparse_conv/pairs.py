@@ -204,6 +204,11 @@ tiled_sum.defvjp(_tiled_sum_fwd, _tiled_sum_bwd)
 WINDOW_SUM_METHODS = ("tiles", "gather")
 
 
+def default_window_sum_method() -> str:
+  """window_sum's method on this backend: "tiles" on CPU, "gather" elsewhere."""
+  return "tiles" if jax.default_backend() == "cpu" else "gather"
+
+
 def window_sum(feats, rulebook, tile: int = DEFAULT_TILE, method: str | None = None):
   """Sum of the active inputs in each output's window: out[o] = sum_k feats[nbr[o, k]].
 
@@ -226,13 +231,12 @@ def window_sum(feats, rulebook, tile: int = DEFAULT_TILE, method: str | None = N
   Args:
     feats: [V, S_in, C]; rulebook: tables.Rulebook.
     tile: rows per tile ("tiles").
-    method: one of WINDOW_SUM_METHODS, or None: "tiles" on CPU, else "gather".
+    method: one of WINDOW_SUM_METHODS, or None: default_window_sum_method().
 
   Returns:
     [V, S_out, C].
   """
-  if method is None:
-    method = "tiles" if jax.default_backend() == "cpu" else "gather"
+  method = method or default_window_sum_method()
   if method not in WINDOW_SUM_METHODS:
     raise ValueError(f"unknown window_sum method {method!r}; valid: {WINDOW_SUM_METHODS}")
   v, s_in, c = feats.shape
@@ -279,5 +283,5 @@ def count_pairs(rulebook) -> jax.Array:
   return jnp.sum(rulebook.nbr >= 0, dtype=jnp.int32)
 
 
-__all__ = ["DEFAULT_TILE", "WINDOW_SUM_METHODS", "conv_pairs", "count_pairs", "flat_table",
-           "tiled_pairs", "tiled_sum", "window_sum"]
+__all__ = ["DEFAULT_TILE", "WINDOW_SUM_METHODS", "conv_pairs", "count_pairs",
+           "default_window_sum_method", "flat_table", "tiled_pairs", "tiled_sum", "window_sum"]

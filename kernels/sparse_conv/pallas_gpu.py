@@ -49,6 +49,15 @@ def _pad_to(a, axis, size, value=0):
   return jnp.pad(a, pad, constant_values=value)
 
 
+def _geometry(n_out, c_in, c_out, block_m, block_k, block_n):
+  """(block_k, block_n, padded rows, padded C_in, padded C_out): channel blocks
+  shrink to the (16-rounded) channel counts; every size is padded to its block."""
+  block_k = min(block_k, _round_up(c_in, 16))
+  block_n = min(block_n, _round_up(c_out, 16))
+  return (block_k, block_n, _round_up(n_out, block_m), _round_up(c_in, block_k),
+          _round_up(c_out, block_n))
+
+
 def _gather_gemm_kernel(nbr_ref, x_ref, w_ref, o_ref, *, block_k):
   # nbr_ref: int32 [BM, K] block of the table; x_ref: [N_in, C_in] whole array
   # (read by gather loads); w_ref: [K, C_in, BN]; o_ref: [BM, BN].
@@ -86,10 +95,8 @@ def gather_gemm(nbr, x, w, *, block_m=64, block_n=64, block_k=32, num_warps=4,
   """
   n_out, taps = nbr.shape
   _, c_in, c_out = w.shape
-  block_k = min(block_k, _round_up(c_in, 16))
-  block_n = min(block_n, _round_up(c_out, 16))
-  n_pad, ci_pad, co_pad = (_round_up(n_out, block_m), _round_up(c_in, block_k),
-                           _round_up(c_out, block_n))
+  block_k, block_n, n_pad, ci_pad, co_pad = _geometry(n_out, c_in, c_out, block_m, block_k,
+                                                      block_n)
   nbr = _pad_to(nbr, 0, n_pad, -1)
   x = _pad_to(x, 1, ci_pad)
   w = _pad_to(_pad_to(w.astype(x.dtype), 1, ci_pad), 2, co_pad)
@@ -135,10 +142,8 @@ def weight_grad(nbr, x, g, *, block_m=64, block_n=64, block_k=32, num_warps=4,
   """dw[k] = sum_o x[nbr[o, k]].T @ g[o]: float32 [K, C_in, C_out]."""
   n_out, taps = nbr.shape
   c_in, c_out = x.shape[1], g.shape[1]
-  block_k = min(block_k, _round_up(c_in, 16))
-  block_n = min(block_n, _round_up(c_out, 16))
-  n_pad, ci_pad, co_pad = (_round_up(n_out, block_m), _round_up(c_in, block_k),
-                           _round_up(c_out, block_n))
+  block_k, block_n, n_pad, ci_pad, co_pad = _geometry(n_out, c_in, c_out, block_m, block_k,
+                                                      block_n)
   nbr = _pad_to(nbr, 0, n_pad, -1)
   x = _pad_to(x, 1, ci_pad)
   g = _pad_to(_pad_to(g.astype(x.dtype), 0, n_pad), 1, co_pad)
