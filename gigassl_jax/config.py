@@ -65,6 +65,7 @@ class Config:
   optim_final_lr: float = 0.0
   optim_b1: float = 0.9
   optim_b2: float = 0.999
+  optim_eps: float = 1e-8
   optim_weight_decay: float = 0.0
   # loop
   train_batch_size: int = 256
@@ -132,6 +133,7 @@ class Config:
          f"--train_batch_size must be >= 2 (NT-Xent needs negatives), got {self.train_batch_size}")
     need(self.train_steps > 0 or self.train_epochs > 0,
          "--train_steps or --train_epochs must be > 0")
+    need(self.optim_eps > 0, f"--optim_eps must be > 0, got {self.optim_eps}")
     need(self.loss_temperature > 0, f"--loss_temperature must be > 0, got {self.loss_temperature}")
     need(self.train_log_every >= 1, f"--train_log_every must be >= 1, got {self.train_log_every}")
     need(self.train_ckpt_every >= 1, f"--train_ckpt_every must be >= 1, got {self.train_ckpt_every}")
@@ -225,6 +227,9 @@ def define_flags() -> None:
   flags.DEFINE_float("optim_final_lr", 0.0, "Learning rate at the end of the cosine decay.")
   flags.DEFINE_float("optim_b1", _D.optim_b1, "Adam beta1.")
   flags.DEFINE_float("optim_b2", _D.optim_b2, "Adam beta2.")
+  flags.DEFINE_float("optim_eps", _D.optim_eps,
+                     "Adam epsilon (1e-8 = torch and optax default). Adam's first step is\n"
+                     "lr x g / (|g| + eps): a large eps makes it smooth in g instead of lr x sign(g).")
   flags.DEFINE_float("optim_weight_decay", 0.0, "Decoupled weight decay (AdamW) if > 0.")
   # train
   flags.DEFINE_integer("train_batch_size", _D.train_batch_size, "Slides per step (global).")

@@ -90,9 +90,9 @@ def make_schedule(cfg: config_lib.Config, total_steps: int, steps_per_epoch: int
 
 def make_optimizer(cfg: config_lib.Config, schedule) -> optax.GradientTransformation:
   if cfg.optim_weight_decay > 0:
-    return optax.adamw(schedule, b1=cfg.optim_b1, b2=cfg.optim_b2,
+    return optax.adamw(schedule, b1=cfg.optim_b1, b2=cfg.optim_b2, eps=cfg.optim_eps,
                        weight_decay=cfg.optim_weight_decay)
-  return optax.adam(schedule, b1=cfg.optim_b1, b2=cfg.optim_b2)
+  return optax.adam(schedule, b1=cfg.optim_b1, b2=cfg.optim_b2, eps=cfg.optim_eps)
 
 
 def init_state(model: models.GigaSSL, tx) -> tuple[nnx.GraphDef, dict]:
