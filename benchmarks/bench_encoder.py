@@ -40,13 +40,19 @@ from gigassl_jax.machine import cpu_name as _cpu_name
 
 _ENCODERS = flags.DEFINE_list("encoders", ["resnet18", "efficientnet_lite0"], "Encoders to time.")
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["4", "16", "64"], "Tiles per call.")
-_REPEATS = flags.DEFINE_integer("repeats", 7, "Timed rounds per (encoder, batch size), after one warm-up.")
+_REPEATS = flags.DEFINE_integer(
+  "repeats", 7, "Timed rounds per (encoder, batch size), after one warm-up."
+)
 _TILE = flags.DEFINE_integer("tile_size", 224, "Tile side in pixels.")
-_TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads; 0 = number of CPUs.")
+_TORCH_THREADS = flags.DEFINE_integer(
+  "torch_threads", 0, "torch.set_num_threads; 0 = number of CPUs."
+)
 _OMP_PASSIVE = flags.DEFINE_bool(
-    "omp_passive", True,
-    "Set OMP_WAIT_POLICY=PASSIVE for PyTorch (unless already set): on a shared machine its spinning "
-    "OpenMP threads otherwise slow it down by up to 10x whenever another process runs.")
+  "omp_passive",
+  True,
+  "Set OMP_WAIT_POLICY=PASSIVE for PyTorch (unless already set): on a shared machine its spinning "
+  "OpenMP threads otherwise slow it down by up to 10x whenever another process runs.",
+)
 _OUT = flags.DEFINE_string("out", None, "Write the results as a Markdown file here (atomically).")
 
 
@@ -60,7 +66,6 @@ def _torch_lite0(torch, sd):
   nn, F = torch.nn, torch.nn.functional
 
   class SameConv(nn.Conv2d):
-
     def forward(self, x):
       k, s = self.kernel_size[0], self.stride[0]
       pads = []
@@ -70,10 +75,11 @@ def _torch_lite0(torch, sd):
       return super().forward(F.pad(x, pads) if any(pads) else x)
 
   def conv_bn(cin, cout, k=1, s=1, groups=1):
-    return nn.Sequential(SameConv(cin, cout, k, s, groups=groups, bias=False), nn.BatchNorm2d(cout, eps=1e-3))
+    return nn.Sequential(
+      SameConv(cin, cout, k, s, groups=groups, bias=False), nn.BatchNorm2d(cout, eps=1e-3)
+    )
 
   class Block(nn.Module):
-
     def __init__(self, cin, cout, k, s, e):
       super().__init__()
       mid = cin * e
@@ -88,11 +94,12 @@ def _torch_lite0(torch, sd):
       return x + y if self.skip else y
 
   class Lite0(nn.Module):
-
     def __init__(self):
       super().__init__()
       self.stem = conv_bn(3, 32, 3, 2)
-      self.blocks = nn.Sequential(*[Block(cin, cout, k, s, e) for _, cin, cout, k, s, e in encoders._lite0_blocks()])  # pylint: disable=protected-access
+      self.blocks = nn.Sequential(
+        *[Block(cin, cout, k, s, e) for _, cin, cout, k, s, e in encoders._lite0_blocks()]
+      )  # pylint: disable=protected-access
       self.head = conv_bn(320, 1280)
 
     def forward(self, x):
@@ -102,7 +109,11 @@ def _torch_lite0(torch, sd):
   model = Lite0().eval()
   names = {"stem": ("_conv_stem", "_bn0"), "head": ("_conv_head", "_bn1")}
   for i, blk in enumerate(model.blocks):
-    for part, conv, bn in (("expand", "_expand_conv", "_bn0"), ("dw", "_depthwise_conv", "_bn1"), ("project", "_project_conv", "_bn2")):
+    for part, conv, bn in (
+      ("expand", "_expand_conv", "_bn0"),
+      ("dw", "_depthwise_conv", "_bn1"),
+      ("project", "_project_conv", "_bn2"),
+    ):
       if getattr(blk, part) is not None:
         names[f"blocks.{i}.{part}"] = (f"_blocks.{i}.{conv}", f"_blocks.{i}.{bn}")
   mapped = {}
@@ -120,7 +131,11 @@ def _fold_bn(torch, model):
 
   def visit(mod):
     for name, child in list(mod.named_children()):
-      if isinstance(child, torch.nn.Sequential) and len(child) == 2 and isinstance(child[1], torch.nn.BatchNorm2d):
+      if (
+        isinstance(child, torch.nn.Sequential)
+        and len(child) == 2
+        and isinstance(child[1], torch.nn.BatchNorm2d)
+      ):
         setattr(mod, name, fuse_conv_bn_eval(child[0], child[1]))
       else:
         visit(child)
@@ -137,6 +152,7 @@ def _build(torch, name, tmpdir):
   """-> (gigassl_jax Encoder, torch forwards (BN modules, BN folded) on NHWC [0, 1])."""
   if name == "resnet18":
     from gigassl_jax import encoder_peer  # pylint: disable=g-import-not-at-top  (peer only)
+
     model = encoder_peer.resnet18()
     path = os.path.join(tmpdir, "resnet18.pth")
     torch.save(model.state_dict(), path)
@@ -144,7 +160,9 @@ def _build(torch, name, tmpdir):
     prep = encoder_peer.normalise
   elif name == "efficientnet_lite0":
     enc = encoders.get_encoder("efficientnet_lite0")
-    sd = torch.load(encoders.bundled_efficientnet_lite0_path(), map_location="cpu", weights_only=True)
+    sd = torch.load(
+      encoders.bundled_efficientnet_lite0_path(), map_location="cpu", weights_only=True
+    )
     model = _torch_lite0(torch, sd)
     prep = lambda x: (x.permute(0, 3, 1, 2) * 255 - 127) / 128
   else:
@@ -173,13 +191,16 @@ def _measure(torch, name, batch, tmpdir):
   x_jax = jax.device_put(images)
   x_torch = torch.from_numpy(images)
   runs = {
-      "jax": lambda: enc.apply(enc.params, x_jax).block_until_ready(),
-      "torch": lambda: torch_plain(x_torch),
-      "torch_folded": lambda: torch_folded(x_torch),
+    "jax": lambda: enc.apply(enc.params, x_jax).block_until_ready(),
+    "torch": lambda: torch_plain(x_torch),
+    "torch_folded": lambda: torch_folded(x_torch),
   }
   with torch.inference_mode():
     outs = {k: np.asarray(run()) for k, run in runs.items()}  # warm-up (compiles)
-    rel_err = max(float(np.abs(outs["jax"] - outs[k]).max() / np.abs(outs[k]).max()) for k in ("torch", "torch_folded"))
+    rel_err = max(
+      float(np.abs(outs["jax"] - outs[k]).max() / np.abs(outs[k]).max())
+      for k in ("torch", "torch_folded")
+    )
     times = {k: [] for k in runs}
     for _ in range(_REPEATS.value):
       for k, run in runs.items():
@@ -187,11 +208,13 @@ def _measure(torch, name, batch, tmpdir):
   t = {k: np.array([w for w, _ in v]) for k, v in times.items()}
   cpu = {k: np.array([c for _, c in v]) for k, v in times.items()}
   return {
-      "encoder": name, "batch": batch, "rel_err": rel_err,
-      **{k: batch / np.median(v) for k, v in t.items()},
-      **{f"{k}_cpu_ms": 1000 * np.median(v) / batch for k, v in cpu.items()},
-      "ratio": float(np.median(t["torch"] / t["jax"])),
-      "ratio_folded": float(np.median(t["torch_folded"] / t["jax"])),
+    "encoder": name,
+    "batch": batch,
+    "rel_err": rel_err,
+    **{k: batch / np.median(v) for k, v in t.items()},
+    **{f"{k}_cpu_ms": 1000 * np.median(v) / batch for k, v in cpu.items()},
+    "ratio": float(np.median(t["torch"] / t["jax"])),
+    "ratio_folded": float(np.median(t["torch_folded"] / t["jax"])),
   }
 
 
@@ -205,29 +228,38 @@ def main(argv):
   torch.set_num_threads(_TORCH_THREADS.value or os.cpu_count())
   cpu = _cpu_name()
   device = f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}"
-  print(f"# {cpu}, {os.cpu_count()} CPUs; JAX {jax.__version__} on {device}; torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}); "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; load average {os.getloadavg()[0]:.1f}")
-  header = ("| encoder | batch | JAX tiles/s | PyTorch tiles/s | PyTorch BN-folded tiles/s | "
-            "JAX / PyTorch | JAX / PyTorch BN-folded | CPU ms/tile JAX, PyTorch, folded | max rel. diff |")
+  print(
+    f"# {cpu}, {os.cpu_count()} CPUs; JAX {jax.__version__} on {device}; torch {torch.__version__} "
+    f"({torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}); "
+    f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; load average {os.getloadavg()[0]:.1f}"
+  )
+  header = (
+    "| encoder | batch | JAX tiles/s | PyTorch tiles/s | PyTorch BN-folded tiles/s | "
+    "JAX / PyTorch | JAX / PyTorch BN-folded | CPU ms/tile JAX, PyTorch, folded | max rel. diff |"
+  )
   rows = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
   print(header)
   with tempfile.TemporaryDirectory() as tmpdir:
     for name in _ENCODERS.value:
       for batch in (int(b) for b in _BATCH_SIZES.value):
         r = _measure(torch, name, batch, tmpdir)
-        row = (f"| {r['encoder']} | {r['batch']} | {r['jax']:.1f} | {r['torch']:.1f} | {r['torch_folded']:.1f} | "
-               f"{r['ratio']:.2f}x | {r['ratio_folded']:.2f}x | "
-               f"{r['jax_cpu_ms']:.0f}, {r['torch_cpu_ms']:.0f}, {r['torch_folded_cpu_ms']:.0f} | {r['rel_err']:.1e} |")
+        row = (
+          f"| {r['encoder']} | {r['batch']} | {r['jax']:.1f} | {r['torch']:.1f} | {r['torch_folded']:.1f} | "
+          f"{r['ratio']:.2f}x | {r['ratio_folded']:.2f}x | "
+          f"{r['jax_cpu_ms']:.0f}, {r['torch_cpu_ms']:.0f}, {r['torch_folded_cpu_ms']:.0f} | {r['rel_err']:.1e} |"
+        )
         rows.append(row)
         print(row, flush=True)
   if _OUT.value:
-    text = "\n".join([
-        "# Tile-encoder throughput (encoder only)", "",
+    text = "\n".join(
+      [
+        "# Tile-encoder throughput (encoder only)",
+        "",
         f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"- machine: {cpu}, {os.cpu_count()} CPUs, no GPU; JAX {jax.__version__} ({device}), "
         f"torch {torch.__version__} with {torch.get_num_threads()} threads",
-        f"- command: `{' '.join(['python', *sys.argv])}`" + (f" with `XLA_FLAGS={os.environ['XLA_FLAGS']}`" if os.environ.get("XLA_FLAGS") else ""),
+        f"- command: `{' '.join(['python', *sys.argv])}`"
+        + (f" with `XLA_FLAGS={os.environ['XLA_FLAGS']}`" if os.environ.get("XLA_FLAGS") else ""),
         f"- {_TILE.value} x {_TILE.value} random tiles; median of {_REPEATS.value} rounds after one warm-up; each "
         "round times JAX, PyTorch and PyTorch BN-folded back to back; ratio = median of per-round ratios.",
         "- PyTorch: same weights, CPU, channels_last, torch.inference_mode; once as the plain eval-mode "
@@ -237,8 +269,11 @@ def main(argv):
         "less sensitive than wall time to the other jobs sharing the machine.",
         f"- load average at the end: {' '.join(f'{v:.1f}' for v in os.getloadavg())} (other jobs share the 2 cores; "
         "PyTorch's OpenMP threads suffer more from that than XLA's).",
-        "", *rows, "",
-    ])
+        "",
+        *rows,
+        "",
+      ]
+    )
     tmp = _OUT.value + ".tmp"
     os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
     with open(tmp, "w") as f:

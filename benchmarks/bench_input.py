@@ -31,9 +31,12 @@ def main(argv=None):
   p.add_argument("--batch", type=int, default=256)
   p.add_argument("--tiles", type=int, default=5)
   p.add_argument("--bank", default="", help="a bank directory (default: a synthetic one)")
-  p.add_argument("--synthetic", default="1024,8,256,256",
-                 help="slides,naug,tiles,dim of the synthetic bank (256 x 256 float16 "
-                      "= the reference's 128 KB records)")
+  p.add_argument(
+    "--synthetic",
+    default="1024,8,256,256",
+    help="slides,naug,tiles,dim of the synthetic bank (256 x 256 float16 "
+    "= the reference's 128 KB records)",
+  )
   p.add_argument("--repeats", type=int, default=7)
   a = p.parse_args(argv)
   with tempfile.TemporaryDirectory() as tmp:
@@ -61,9 +64,11 @@ def main(argv=None):
       rows.append((w, n, med))
       print(f"# workers={w} ({n}): {1e3 * med:.1f} ms/step", flush=True)
   base = rows[0][2]
-  print(f"host: {cpu_name()}, {os.cpu_count()} cpus; bank {bank_dir}: {len(reader)} slides x "
-        f"{reader.n_aug} augs x {reader.n_tiles} tiles x {reader.feature_dim}; batch "
-        f"{a.batch} slides x 2 views x T = {a.tiles}; median of {a.repeats} steps")
+  print(
+    f"host: {cpu_name()}, {os.cpu_count()} cpus; bank {bank_dir}: {len(reader)} slides x "
+    f"{reader.n_aug} augs x {reader.n_tiles} tiles x {reader.feature_dim}; batch "
+    f"{a.batch} slides x 2 views x T = {a.tiles}; median of {a.repeats} steps"
+  )
   print("| --data_workers | processes | ms/step | views/s | vs first row |")
   print("|---|---:|---:|---:|---:|")
   for w, n, med in rows:

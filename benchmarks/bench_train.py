@@ -59,8 +59,9 @@ def raw_batch(seed: int, batch: int, tiles: int, channels: int) -> dict:
 def jax_arm(impl: str, batch: dict, channels: int):
   """A warmed-up callable running one training step with kernel `impl`."""
   b = batch["feats"].shape[0]
-  cfg = config_lib.Config(workdir="-", data_bank="-", model_conv_impl=impl,
-                          model_in_features=channels, train_batch_size=b)
+  cfg = config_lib.Config(
+    workdir="-", data_bank="-", model_conv_impl=impl, model_in_features=channels, train_batch_size=b
+  )
   mesh = train.make_mesh(jax.local_devices())
   model = train.build_model(cfg, channels, bn_axis_name=train.AXIS)
   tx = train.make_optimizer(cfg, train.make_schedule(cfg, 1000, 10))
@@ -80,13 +81,19 @@ def jax_arm(impl: str, batch: dict, channels: int):
 def quantised_views(batch: dict) -> dict:
   """The JAX step's augmentation + quantisation of both views, as numpy arrays."""
   from gigassl_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+
   cfg = train.coord_config(config_lib.Config())
   key = jax.random.key(0)
   out = {}
   for v in range(2):
     sm = jax.jit(data_lib.make_views, static_argnums=(4, 5))(
-        jax.random.fold_in(key, v), batch["xy"][:, v], batch["feats"][:, v],
-        batch["position"], cfg, 224)
+      jax.random.fold_in(key, v),
+      batch["xy"][:, v],
+      batch["feats"][:, v],
+      batch["position"],
+      cfg,
+      224,
+    )
     for name in ("coords", "feats", "mask"):
       out[f"{name}{v}"] = np.asarray(getattr(sm, name))
   return out
@@ -107,21 +114,26 @@ def torch_arm(views: dict, channels: int, threads: int, seed: int = 0, device: s
   views = [tuple(views[f"{k}{v}"] for k in ("coords", "feats", "mask")) for v in range(2)]
 
   class Net(torch.nn.Module):
-
     def __init__(self):
       super().__init__()
       self.pool = peer.PoolingBlock(channels, 512)
       self.proj = torch.nn.Sequential(
-          torch.nn.Linear(512, 512), torch.nn.ReLU(), torch.nn.BatchNorm1d(512),
-          torch.nn.Linear(512, 512), torch.nn.ReLU(), torch.nn.BatchNorm1d(512),
-          torch.nn.Linear(512, 256))
+        torch.nn.Linear(512, 512),
+        torch.nn.ReLU(),
+        torch.nn.BatchNorm1d(512),
+        torch.nn.Linear(512, 512),
+        torch.nn.ReLU(),
+        torch.nn.BatchNorm1d(512),
+        torch.nn.Linear(512, 256),
+      )
 
     def forward(self, x, n_views):
       y = self.pool(x)
       b = y.indices[:, 0].long()
       s = torch.zeros(n_views, y.features.shape[1], device=device).index_add_(0, b, y.features)
       cnt = torch.zeros(n_views, device=device).index_add_(
-          0, b, torch.ones_like(b, dtype=torch.float32))
+        0, b, torch.ones_like(b, dtype=torch.float32)
+      )
       return self.proj(s / cnt.clamp(min=1)[:, None])
 
   def nt_xent(z1, z2, tau=0.05):
@@ -149,8 +161,9 @@ def torch_arm(views: dict, channels: int, threads: int, seed: int = 0, device: s
   return run
 
 
-def torch_child(views_path: str, channels: int, threads: int, repeats: int,
-                device: str = "cpu") -> None:
+def torch_child(
+  views_path: str, channels: int, threads: int, repeats: int, device: str = "cpu"
+) -> None:
   """Times the torch arm in this (child) process; prints the per-round seconds as JSON."""
   with np.load(views_path) as z:
     views = dict(z)
@@ -170,10 +183,18 @@ def main(argv=None):
   p.add_argument("--channels", type=int, default=256)
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--impls", default="", help="comma list (default: all for this backend)")
-  p.add_argument("--torch_threads", type=int, default=1,
-                 help="1: spconv on this 2-core CPU ran ~10x slower with 2 (measured)")
-  p.add_argument("--torch_device", default="auto", choices=("auto", "cpu", "cuda"),
-                 help="auto: cuda when JAX runs on a GPU (the peer on the same card)")
+  p.add_argument(
+    "--torch_threads",
+    type=int,
+    default=1,
+    help="1: spconv on this 2-core CPU ran ~10x slower with 2 (measured)",
+  )
+  p.add_argument(
+    "--torch_device",
+    default="auto",
+    choices=("auto", "cpu", "cuda"),
+    help="auto: cuda when JAX runs on a GPU (the peer on the same card)",
+  )
   p.add_argument("--no_torch", action="store_true")
   p.add_argument("--torch_child", default="", help=argparse.SUPPRESS)
   a = p.parse_args(argv)
@@ -184,8 +205,13 @@ def main(argv=None):
   torch_device = a.torch_device
   if torch_device == "auto":
     torch_device = "cuda" if backend == "gpu" else "cpu"
-  impls = a.impls.split(",") if a.impls else [
-      n for n in api.IMPLEMENTATIONS if n not in SKIP and BACKEND_ONLY.get(n, backend) == backend]
+  impls = (
+    a.impls.split(",")
+    if a.impls
+    else [
+      n for n in api.IMPLEMENTATIONS if n not in SKIP and BACKEND_ONLY.get(n, backend) == backend
+    ]
+  )
   batch = raw_batch(0, a.batch, a.tiles, a.channels)
   arms = {}
   for impl in impls:
@@ -208,12 +234,22 @@ def main(argv=None):
       np.savez(path, **quantised_views(batch))
       time.sleep(5)
       res = subprocess.run(
-          [sys.executable, __file__, f"--torch_child={path}", f"--channels={a.channels}",
-           f"--torch_threads={a.torch_threads}", f"--repeats={a.repeats}",
-           f"--torch_device={torch_device}"],
-          capture_output=True, text=True, check=True)
-      label = (f"torch+spconv ({a.torch_threads} thr)" if torch_device == "cpu" else
-               "torch+spconv (cuda)")
+        [
+          sys.executable,
+          __file__,
+          f"--torch_child={path}",
+          f"--channels={a.channels}",
+          f"--torch_threads={a.torch_threads}",
+          f"--repeats={a.repeats}",
+          f"--torch_device={torch_device}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+      )
+      label = (
+        f"torch+spconv ({a.torch_threads} thr)" if torch_device == "cpu" else "torch+spconv (cuda)"
+      )
       times[label] = json.loads(res.stdout.splitlines()[-1])
   med = {k: statistics.median(v) for k, v in times.items()}
   views = 2 * a.batch
@@ -222,8 +258,10 @@ def main(argv=None):
   dev = f"{d.platform}:{d.device_kind} x{jax.local_device_count()}"
   if d.platform == "cpu":
     dev += f" ({cpu_name()})"
-  print(f"device: {dev}; batch {a.batch} slides x 2 views, T = {a.tiles}, C_in = {a.channels}; "
-        f"median of {a.repeats} rounds")
+  print(
+    f"device: {dev}; batch {a.batch} slides x 2 views, T = {a.tiles}, C_in = {a.channels}; "
+    f"median of {a.repeats} rounds"
+  )
   print("| arm | s/step | views/s | vs torch+spconv | vs reference SCN (110 views/s) |")
   print("|---|---|---|---|---|")
   for k, s in med.items():

@@ -37,14 +37,14 @@ import numpy as np
 
 CLASSES = ("stroma_rich", "tumour_rich")
 _SOURCES = {
-    "stroma": ("stroma_cmu_dermis_1.jpg", "stroma_cmu_dermis_2.jpg", "stroma_cmu_dermis_3.jpg"),
-    "tumour": ("tumour_tiatoolbox_target.jpg", "tumour_stardist_histo.jpg"),
+  "stroma": ("stroma_cmu_dermis_1.jpg", "stroma_cmu_dermis_2.jpg", "stroma_cmu_dermis_3.jpg"),
+  "tumour": ("tumour_tiatoolbox_target.jpg", "tumour_stardist_histo.jpg"),
 }
 # Per class: tumour fraction range and the size (in cells) of the smoothing that
 # makes the tumour field: small = many small foci, large = a few big nests.
 _CLASS_PARAMS = {
-    "stroma_rich": dict(fraction=(0.15, 0.45), blob_cells=0.5),
-    "tumour_rich": dict(fraction=(0.30, 0.60), blob_cells=2.0),
+  "stroma_rich": dict(fraction=(0.15, 0.45), blob_cells=0.5),
+  "tumour_rich": dict(fraction=(0.30, 0.60), blob_cells=2.0),
 }
 _GLASS = np.array([242, 240, 244], np.float32)
 # Per-slide stain variation: each RGB channel of the tissue scaled by 1 +- this.
@@ -95,8 +95,7 @@ def _smooth_field(rng, shape, sigma):
   """Gaussian-smoothed white noise, standardised: float32 [h, w]."""
   from scipy import ndimage  # pylint: disable=import-outside-toplevel
 
-  f = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma,
-                              mode="wrap")
+  f = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma, mode="wrap")
   return (f - f.mean()) / (f.std() + 1e-6)
 
 
@@ -113,15 +112,16 @@ def _quilt(rng, sources: list, h: int, w: int, patch: int = 112) -> np.ndarray:
       src = sources[int(rng.integers(len(sources)))]
       sy = int(rng.integers(src.shape[0] - patch + 1))
       sx = int(rng.integers(src.shape[1] - patch + 1))
-      p = np.rot90(src[sy:sy + patch, sx:sx + patch], k=int(rng.integers(4)))
+      p = np.rot90(src[sy : sy + patch, sx : sx + patch], k=int(rng.integers(4)))
       if rng.random() < 0.5:
         p = p[:, ::-1]
-      out[y:y + patch, x:x + patch] = p[:h - y, :w - x]
+      out[y : y + patch, x : x + patch] = p[: h - y, : w - x]
   return out
 
 
-def render_slide(rng: np.random.Generator, label: str, textures: dict, grid: int = 12,
-                 cell: int = 224) -> tuple[np.ndarray, dict]:
+def render_slide(
+  rng: np.random.Generator, label: str, textures: dict, grid: int = 12, cell: int = 224
+) -> tuple[np.ndarray, dict]:
   """One slide of class `label`.
 
   Args:
@@ -164,13 +164,23 @@ def render_slide(rng: np.random.Generator, label: str, textures: dict, grid: int
   # Glass with a little noise (a flat background leaves Otsu nothing to split).
   glass = _GLASS + rng.normal(0, 2.0, (side, side, 1)).astype(np.float32)
   img = np.where(tissue_px[..., None], img, glass)
-  info = {"tumour_fraction": float(tumour.sum() / max(tissue.sum(), 1)),
-          "tissue_fraction": float(tissue.mean())}
+  info = {
+    "tumour_fraction": float(tumour.sum() / max(tissue.sum(), 1)),
+    "tissue_fraction": float(tissue.mean()),
+  }
   return np.clip(img, 0, 255).astype(np.uint8), info
 
 
-def write_pyramid(path, rgb: np.ndarray, *, mpp: float = 1.0, app_mag: float = 10,
-                  n_levels: int = 3, downsample: int = 4, tile: int = 256) -> pathlib.Path:
+def write_pyramid(
+  path,
+  rgb: np.ndarray,
+  *,
+  mpp: float = 1.0,
+  app_mag: float = 10,
+  n_levels: int = 3,
+  downsample: int = 4,
+  tile: int = 256,
+) -> pathlib.Path:
   """Writes an RGB image as an Aperio-flavoured pyramidal JPEG TIFF (atomically).
 
   One tiled page per level (OpenSlide does not see SubIFD levels); the
@@ -193,11 +203,19 @@ def write_pyramid(path, rgb: np.ndarray, *, mpp: float = 1.0, app_mag: float = 1
       kwargs = {}
       if k == 0:
         kwargs["description"] = (
-            f"Aperio Image Library v10.0.50\r\n{w}x{h} [0,0 {w}x{h}] ({tile}x{tile}) "
-            f"JPEG/RGB Q=90|AppMag = {app_mag:g}|MPP = {mpp:g}")
-      tw.write(level, tile=(tile, tile), photometric="rgb", compression="jpeg",
-               compressionargs={"level": 90},
-               subfiletype=0 if k == 0 else 1, metadata=None, **kwargs)
+          f"Aperio Image Library v10.0.50\r\n{w}x{h} [0,0 {w}x{h}] ({tile}x{tile}) "
+          f"JPEG/RGB Q=90|AppMag = {app_mag:g}|MPP = {mpp:g}"
+        )
+      tw.write(
+        level,
+        tile=(tile, tile),
+        photometric="rgb",
+        compression="jpeg",
+        compressionargs={"level": 90},
+        subfiletype=0 if k == 0 else 1,
+        metadata=None,
+        **kwargs,
+      )
   os.replace(tmp, path)
   return path
 
@@ -217,8 +235,7 @@ def make_cohort(cfg: CohortConfig, progress: bool = True) -> pathlib.Path:
   textures = load_textures()
   rows, thumbs = [], []
   n = 2 * cfg.n_per_class
-  for i in tqdm(range(n), desc="cohort", unit="slide", disable=not progress,
-                dynamic_ncols=True):
+  for i in tqdm(range(n), desc="cohort", unit="slide", disable=not progress, dynamic_ncols=True):
     label = CLASSES[i % 2]
     sid = f"demo_{i:03d}"
     rng = np.random.default_rng([cfg.seed, i])
@@ -248,8 +265,7 @@ def contact_sheet(thumbs: list, path, per_row: int = 6) -> pathlib.Path:
 
   by_class = {c: [t for t in thumbs if t[1] == c] for c in CLASSES}
   n_rows = sum(-(-len(v) // per_row) for v in by_class.values())
-  fig, axes = plt.subplots(n_rows, per_row, figsize=(2.6 * per_row, 2.9 * n_rows),
-                           squeeze=False)
+  fig, axes = plt.subplots(n_rows, per_row, figsize=(2.6 * per_row, 2.9 * n_rows), squeeze=False)
   for ax in axes.ravel():
     ax.axis("off")
   r = 0
@@ -260,8 +276,11 @@ def contact_sheet(thumbs: list, path, per_row: int = 6) -> pathlib.Path:
       ax.imshow(img)
       ax.set_title(f"{sid}\n{label}", fontsize=7, color="C0" if label == CLASSES[0] else "C3")
     r += -(-len(items) // per_row)
-  fig.suptitle("demo cohort (synthetic labels): tumour texture in small foci (stroma_rich) "
-               "vs large nests (tumour_rich)", fontsize=9)
+  fig.suptitle(
+    "demo cohort (synthetic labels): tumour texture in small foci (stroma_rich) "
+    "vs large nests (tumour_rich)",
+    fontsize=9,
+  )
   fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (2.9 * n_rows)))
   path = pathlib.Path(path)
   tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
@@ -280,8 +299,7 @@ def main(argv=None):
   ap.add_argument("--grid", type=int, default=12)
   ap.add_argument("--seed", type=int, default=0)
   a = ap.parse_args(argv)
-  labels = make_cohort(CohortConfig(out=a.out, n_per_class=a.n_per_class, grid=a.grid,
-                                    seed=a.seed))
+  labels = make_cohort(CohortConfig(out=a.out, n_per_class=a.n_per_class, grid=a.grid, seed=a.seed))
   print(f"cohort: {labels}", file=sys.stderr)
 
 

@@ -29,6 +29,7 @@ from gigassl_jax import bank as bank_lib
 from gigassl_jax import sampling
 from gigassl_jax.sparse import coord_augment, maps
 
+
 class ViewSampler:
   """Draws the 2 views of every slide of a step's global batch.
 
@@ -41,16 +42,27 @@ class ViewSampler:
       epoch is dropped: static shapes under jit).
   """
 
-  def __init__(self, reader, *, batch_size: int, tiles: int, seed: int,
-               process_index: int = 0, process_count: int = 1, read_threads: int = 8,
-               workers: int = 0):
+  def __init__(
+    self,
+    reader,
+    *,
+    batch_size: int,
+    tiles: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    read_threads: int = 8,
+    workers: int = 0,
+  ):
     n = len(reader)
     if batch_size > n:
       raise ValueError(
-          f"--train_batch_size={batch_size} exceeds the {n} slides of the bank {reader.path}")
+        f"--train_batch_size={batch_size} exceeds the {n} slides of the bank {reader.path}"
+      )
     if batch_size % process_count:
       raise ValueError(
-          f"--train_batch_size={batch_size} is not divisible by the {process_count} processes")
+        f"--train_batch_size={batch_size} is not divisible by the {process_count} processes"
+      )
     self.reader = reader
     self.batch_size = batch_size
     self.tiles = tiles
@@ -58,19 +70,23 @@ class ViewSampler:
     self.steps_per_epoch = n // batch_size
     self.local_size = batch_size // process_count
     self.local_start = process_index * self.local_size
-    self._views = (sampling.ReaderPool(reader.path, workers) if workers > 0 else
-                   sampling.ThreadReader(reader, read_threads))
+    self._views = (
+      sampling.ReaderPool(reader.path, workers)
+      if workers > 0
+      else sampling.ThreadReader(reader, read_threads)
+    )
 
   def slides(self, step: int) -> np.ndarray:
     """int64 [B]: slide indices of the global batch of `step`."""
     epoch, i = divmod(step, self.steps_per_epoch)
     perm = sampling.slide_order(self.seed, epoch, len(self.reader))
-    return perm[i * self.batch_size:(i + 1) * self.batch_size]
+    return perm[i * self.batch_size : (i + 1) * self.batch_size]
 
   def draws(self, step: int, position: int):
     """(aug [2], tiles [2, T]) of the slide at `position` in the global batch."""
-    return sampling.draws(self.seed, step, position, self.reader.n_aug, self.reader.n_tiles,
-                          self.tiles)
+    return sampling.draws(
+      self.seed, step, position, self.reader.n_aug, self.reader.n_tiles, self.tiles
+    )
 
   def local_batch(self, step: int) -> dict:
     """This process's share of the views of `step`.
@@ -84,10 +100,10 @@ class ViewSampler:
     pos = np.arange(self.local_start, self.local_start + self.local_size)
     feats, xy = self._views.read(self.seed, step, pos, slides[pos], self.tiles)
     return {
-        "feats": feats,
-        "xy": xy,
-        "position": pos.astype(np.int32),
-        "slide": slides[pos].astype(np.int32),
+      "feats": feats,
+      "xy": xy,
+      "position": pos.astype(np.int32),
+      "slide": slides[pos].astype(np.int32),
     }
 
   def close(self):
@@ -170,8 +186,9 @@ def make_views(key, xy, feats, position, cfg: coord_augment.CoordAugment, cell: 
 # ------------------------------------------------------------- synthetic ----
 
 
-def make_synthetic_bank(bank_dir, n_slides: int, n_aug: int, n_tiles: int, dim: int,
-                        seed: int = 0) -> pathlib.Path:
+def make_synthetic_bank(
+  bank_dir, n_slides: int, n_aug: int, n_tiles: int, dim: int, seed: int = 0
+) -> pathlib.Path:
   """A small random bank with the real bank's format (for smoke runs and tests).
 
   Each slide has its own mean embedding (so slides are distinguishable, and a

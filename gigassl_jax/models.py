@@ -25,10 +25,18 @@ class PoolingNet(nnx.Module):
   identity, ReLU. No conv has a bias.
   """
 
-  def __init__(self, in_features: int = 256, features: int = 512, *,
-               conv_impl: str | None = None, table_builder: str = tables.DEFAULT_BUILDER,
-               bn_axis_name: str | None = None, bn_momentum: float = 0.9,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_features: int = 256,
+    features: int = 512,
+    *,
+    conv_impl: str | None = None,
+    table_builder: str = tables.DEFAULT_BUILDER,
+    bn_axis_name: str | None = None,
+    bn_momentum: float = 0.9,
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     if table_builder not in tables.BUILDERS:
       raise ValueError(f"unknown table builder {table_builder!r}; valid: {tables.BUILDERS}")
     self.in_features = in_features
@@ -61,11 +69,11 @@ class PoolingNet(nnx.Module):
     """
     if smap.channels != self.in_features:
       raise ValueError(
-          f"the pooling net was built for {self.in_features}-d tile features, got "
-          f"{smap.channels}-d (use in_features = the bank's feature dimension)")
+        f"the pooling net was built for {self.in_features}-d tile features, got "
+        f"{smap.channels}-d (use in_features = the bank's feature dimension)"
+      )
     x = smap.feats
-    rb_s = tables.strided_rulebook(smap, builder=self.table_builder,
-                                   spatial_size=spatial_size)
+    rb_s = tables.strided_rulebook(smap, builder=self.table_builder, spatial_size=spatial_size)
     out = maps.SparseMap(coords=rb_s.out_coords, feats=None, mask=rb_s.out_mask)
     rb_m = tables.submanifold_rulebook(out, ksize=3, builder=self.table_builder)
     m = rb_s.out_mask
@@ -90,9 +98,16 @@ class PoolingNet(nnx.Module):
 class Projector(nnx.Module):
   """Linear 512->512, ReLU, BN1d, Linear 512->512, ReLU, BN1d, Linear 512->256."""
 
-  def __init__(self, features: int = 512, hidden: int = 512, out: int = 256, *,
-               bn_axis_name: str | None = None, bn_momentum: float = 0.9,
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    features: int = 512,
+    hidden: int = 512,
+    out: int = 256,
+    *,
+    bn_axis_name: str | None = None,
+    bn_momentum: float = 0.9,
+    rngs: nnx.Rngs,
+  ):
     self.fc1 = nnx.Linear(features, hidden, rngs=rngs)
     self.bn1 = layers.SparseBatchNorm(hidden, momentum=bn_momentum, axis_name=bn_axis_name)
     self.fc2 = nnx.Linear(hidden, hidden, rngs=rngs)
@@ -111,11 +126,25 @@ class Projector(nnx.Module):
 class GigaSSL(nnx.Module):
   """Pooling network + projector; `__call__` returns (representation, projection)."""
 
-  def __init__(self, in_features: int = 256, *, conv_impl: str | None = None,
-               table_builder: str = tables.DEFAULT_BUILDER, bn_axis_name: str | None = None,
-               dtype=jnp.float32, rngs: nnx.Rngs):
-    self.pool = PoolingNet(in_features, 512, conv_impl=conv_impl, table_builder=table_builder,
-                           bn_axis_name=bn_axis_name, dtype=dtype, rngs=rngs)
+  def __init__(
+    self,
+    in_features: int = 256,
+    *,
+    conv_impl: str | None = None,
+    table_builder: str = tables.DEFAULT_BUILDER,
+    bn_axis_name: str | None = None,
+    dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    self.pool = PoolingNet(
+      in_features,
+      512,
+      conv_impl=conv_impl,
+      table_builder=table_builder,
+      bn_axis_name=bn_axis_name,
+      dtype=dtype,
+      rngs=rngs,
+    )
     self.proj = Projector(512, 512, 256, bn_axis_name=bn_axis_name, rngs=rngs)
 
   def __call__(self, smap: maps.SparseMap):
@@ -126,11 +155,16 @@ class GigaSSL(nnx.Module):
 # ------------------------------------------------------ weight import -------
 
 _LAYER4 = {
-    "b0_conv1": "layer4.0.conv1", "b0_norm1": "layer4.0.bn1",
-    "b0_conv2": "layer4.0.conv2", "b0_norm2": "layer4.0.bn2",
-    "b0_convd": "layer4.0.downsample.0", "b0_normd": "layer4.0.downsample.1",
-    "b1_conv1": "layer4.1.conv1", "b1_norm1": "layer4.1.bn1",
-    "b1_conv2": "layer4.1.conv2", "b1_norm2": "layer4.1.bn2",
+  "b0_conv1": "layer4.0.conv1",
+  "b0_norm1": "layer4.0.bn1",
+  "b0_conv2": "layer4.0.conv2",
+  "b0_norm2": "layer4.0.bn2",
+  "b0_convd": "layer4.0.downsample.0",
+  "b0_normd": "layer4.0.downsample.1",
+  "b1_conv1": "layer4.1.conv1",
+  "b1_norm1": "layer4.1.bn1",
+  "b1_conv2": "layer4.1.conv2",
+  "b1_norm2": "layer4.1.bn2",
 }
 
 
@@ -152,8 +186,9 @@ def dense_to_sparse_kernel(w, orientation: str = "natural") -> np.ndarray:
   return np.ascontiguousarray(w.reshape(c_out, c_in, a * b).transpose(2, 1, 0))
 
 
-def load_torchvision_layer4(net: PoolingNet, state_dict: dict, *,
-                            orientation: str = "natural", strict: bool = True) -> None:
+def load_torchvision_layer4(
+  net: PoolingNet, state_dict: dict, *, orientation: str = "natural", strict: bool = True
+) -> None:
   """Copies a torchvision ResNet18 state_dict's `layer4.*` into `net` in place.
 
   Args:
@@ -167,7 +202,7 @@ def load_torchvision_layer4(net: PoolingNet, state_dict: dict, *,
   for k, v in state_dict.items():
     for prefix in ("module.encoder_q.", "module.", "encoder_q."):
       if k.startswith(prefix):
-        k = k[len(prefix):]
+        k = k[len(prefix) :]
     sd[k] = np.asarray(v)
   for name, tname in _LAYER4.items():
     mod = getattr(net, name)
@@ -182,8 +217,12 @@ def load_torchvision_layer4(net: PoolingNet, state_dict: dict, *,
         raise ValueError(f"{key}: shape {w.shape} does not fit {name} {mod.weight[...].shape}")
       mod.weight.set_value(jnp.asarray(w, mod.weight[...].dtype))
     else:
-      for ours, theirs in (("scale", "weight"), ("bias", "bias"), ("mean", "running_mean"),
-                           ("var", "running_var")):
+      for ours, theirs in (
+        ("scale", "weight"),
+        ("bias", "bias"),
+        ("mean", "running_mean"),
+        ("var", "running_var"),
+      ):
         key = f"{tname}.{theirs}"
         if key not in sd:
           if strict:

@@ -36,34 +36,34 @@ _LEGACY_PROTOCOL = 1001
 
 # Storage class name (as torch pickles it) -> numpy dtype.
 _STORAGE_DTYPES = {
-    "DoubleStorage": np.float64,
-    "FloatStorage": np.float32,
-    "HalfStorage": np.float16,
-    "BFloat16Storage": ml_dtypes.bfloat16,
-    "LongStorage": np.int64,
-    "IntStorage": np.int32,
-    "ShortStorage": np.int16,
-    "CharStorage": np.int8,
-    "ByteStorage": np.uint8,
-    "BoolStorage": np.bool_,
-    "ComplexFloatStorage": np.complex64,
-    "ComplexDoubleStorage": np.complex128,
-    "UntypedStorage": np.uint8,
+  "DoubleStorage": np.float64,
+  "FloatStorage": np.float32,
+  "HalfStorage": np.float16,
+  "BFloat16Storage": ml_dtypes.bfloat16,
+  "LongStorage": np.int64,
+  "IntStorage": np.int32,
+  "ShortStorage": np.int16,
+  "CharStorage": np.int8,
+  "ByteStorage": np.uint8,
+  "BoolStorage": np.bool_,
+  "ComplexFloatStorage": np.complex64,
+  "ComplexDoubleStorage": np.complex128,
+  "UntypedStorage": np.uint8,
 }
 # torch dtype attribute name -> numpy dtype (used by _rebuild_tensor_v3).
 _TORCH_DTYPES = {
-    "float64": np.float64,
-    "float32": np.float32,
-    "float16": np.float16,
-    "bfloat16": ml_dtypes.bfloat16,
-    "int64": np.int64,
-    "int32": np.int32,
-    "int16": np.int16,
-    "int8": np.int8,
-    "uint8": np.uint8,
-    "bool": np.bool_,
-    "complex64": np.complex64,
-    "complex128": np.complex128,
+  "float64": np.float64,
+  "float32": np.float32,
+  "float16": np.float16,
+  "bfloat16": ml_dtypes.bfloat16,
+  "int64": np.int64,
+  "int32": np.int32,
+  "int16": np.int16,
+  "int8": np.int8,
+  "uint8": np.uint8,
+  "bool": np.bool_,
+  "complex64": np.complex64,
+  "complex128": np.complex128,
 }
 
 
@@ -117,7 +117,9 @@ class _Tensor:
     if self.dtype is not None and np.dtype(self.dtype) != flat.dtype:
       flat = flat.view(self.dtype)
     if len(self.size) != len(self.stride):
-      raise pickle.UnpicklingError(f"{path}: tensor size {self.size} and stride {self.stride} differ in rank")
+      raise pickle.UnpicklingError(
+        f"{path}: tensor size {self.size} and stride {self.stride} differ in rank"
+      )
     if any(s < 0 for s in self.size) or any(s < 0 for s in self.stride) or self.offset < 0:
       raise pickle.UnpicklingError(f"{path}: negative size/stride/offset in tensor")
     if 0 in self.size:
@@ -127,12 +129,12 @@ class _Tensor:
     last = self.offset + sum((n - 1) * s for n, s in zip(self.size, self.stride))
     if last >= flat.size:
       raise pickle.UnpicklingError(
-          f"{path}: tensor (offset {self.offset}, size {self.size}, stride "
-          f"{self.stride}) reaches element {last} of a storage of {flat.size}"
+        f"{path}: tensor (offset {self.offset}, size {self.size}, stride "
+        f"{self.stride}) reaches element {last} of a storage of {flat.size}"
       )
     base = flat[self.offset :]
     view = np.lib.stride_tricks.as_strided(
-        base, shape=self.size, strides=[s * flat.itemsize for s in self.stride], writeable=False
+      base, shape=self.size, strides=[s * flat.itemsize for s in self.stride], writeable=False
     )
     return np.array(view, order="C")  # copy; ascontiguousarray would make 0-d 1-d
 
@@ -154,12 +156,12 @@ def _rebuild_parameter(data, *unused):
 
 # (module, name) -> what the restricted unpickler returns for that global.
 _ALLOWED = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+  ("collections", "OrderedDict"): collections.OrderedDict,
+  ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+  ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+  ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
+  ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+  ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
 }
 _ALLOWED.update({("torch", n): _StorageType(n, d) for n, d in _STORAGE_DTYPES.items()})
 _ALLOWED.update({("torch", n): _TorchDtype(d) for n, d in _TORCH_DTYPES.items()})
@@ -178,9 +180,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
       return _ALLOWED[(module, name)]
     except KeyError:
       raise UnsafeCheckpointError(
-          f"{self._path}: refusing to load global {module}.{name}; only tensors, "
-          "storages and (Ordered)dicts are allowed in a weights file (re-save "
-          "just the state_dict with torch.save(model.state_dict(), path))"
+        f"{self._path}: refusing to load global {module}.{name}; only tensors, "
+        "storages and (Ordered)dicts are allowed in a weights file (re-save "
+        "just the state_dict with torch.save(model.state_dict(), path))"
       ) from None
 
   def persistent_load(self, pid):
@@ -219,7 +221,9 @@ def _load_zip(path: str) -> Any:
     names = zf.namelist()
     pkls = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
     if len(pkls) != 1:
-      raise pickle.UnpicklingError(f"{path}: zip archive without a single <name>/data.pkl (TorchScript or not a checkpoint?)")
+      raise pickle.UnpicklingError(
+        f"{path}: zip archive without a single <name>/data.pkl (TorchScript or not a checkpoint?)"
+      )
     prefix = pkls[0][: -len("data.pkl")]
     order = "<"
     if prefix + "byteorder" in names and zf.read(prefix + "byteorder").strip() == b"big":
@@ -304,7 +308,9 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """
   obj = load(path)
   if not isinstance(obj, dict):
-    raise ValueError(f"{os.fspath(path)}: checkpoint holds a {type(obj).__name__}, not a dict of tensors")
+    raise ValueError(
+      f"{os.fspath(path)}: checkpoint holds a {type(obj).__name__}, not a dict of tensors"
+    )
   for key in _STATE_DICT_KEYS:
     if isinstance(obj.get(key), dict):
       obj = obj[key]

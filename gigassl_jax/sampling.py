@@ -80,20 +80,24 @@ class ReaderPool:
     self.workers = workers
     methods = multiprocessing.get_all_start_methods()
     self._pool = concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context(
-            "forkserver" if "forkserver" in methods else "spawn"),
-        initializer=_worker_open, initargs=(str(packed_dir),))
+      workers,
+      mp_context=multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn"),
+      initializer=_worker_open,
+      initargs=(str(packed_dir),),
+    )
 
   def read(self, seed: int, step: int, positions, slides, tiles: int):
     """Same result as read_views(reader, seed, step, positions, slides, tiles)."""
     try:
-      return _split_read(self._pool, _worker_read, self.workers, seed, step, positions,
-                         slides, tiles)
+      return _split_read(
+        self._pool, _worker_read, self.workers, seed, step, positions, slides, tiles
+      )
     except concurrent.futures.process.BrokenProcessPool as e:
       raise RuntimeError(
-          "a bank-reading worker process died: out of memory, or a script that starts "
-          "workers outside `if __name__ == '__main__':` (spawned workers import the main "
-          "module). Rerun with fewer --data_workers, or 0 for reading threads") from e
+        "a bank-reading worker process died: out of memory, or a script that starts "
+        "workers outside `if __name__ == '__main__':` (spawned workers import the main "
+        "module). Rerun with fewer --data_workers, or 0 for reading threads"
+      ) from e
 
   def close(self):
     # Waits for the workers to exit: one still starting would otherwise open
@@ -115,8 +119,16 @@ class ThreadReader:
 
   def read(self, seed: int, step: int, positions, slides, tiles: int):
     """Same result as read_views(reader, seed, step, positions, slides, tiles)."""
-    return _split_read(self._pool, functools.partial(read_views, self._reader), self.threads,
-                       seed, step, positions, slides, tiles)
+    return _split_read(
+      self._pool,
+      functools.partial(read_views, self._reader),
+      self.threads,
+      seed,
+      step,
+      positions,
+      slides,
+      tiles,
+    )
 
   def close(self):
     self._pool.shutdown(wait=False)

@@ -76,8 +76,9 @@ def load_labels(path) -> dict:
       if not sid or not lab:
         raise EvalError(f"{path} line {line}: empty {'ID' if not sid else 'label'}")
       if sid in labels:
-        raise EvalError(f"{path} line {line}: slide {sid!r} already labelled on line "
-                        f"{line_of[sid]}")
+        raise EvalError(
+          f"{path} line {line}: slide {sid!r} already labelled on line {line_of[sid]}"
+        )
       labels[sid], line_of[sid] = lab, line
   classes = sorted(set(labels.values()))
   if len(classes) < 2:
@@ -100,15 +101,18 @@ def read_split_file(path, subset: str) -> Split:
         if not sid:
           continue
         if sid in where:
-          raise EvalError(f"{path} line {reader.line_num}: slide {sid!r} ({col}) already "
-                          f"listed on line {where[sid][0]} ({where[sid][1]})")
+          raise EvalError(
+            f"{path} line {reader.line_num}: slide {sid!r} ({col}) already "
+            f"listed on line {where[sid][0]} ({where[sid][1]})"
+          )
         where[sid] = (reader.line_num, col)
         out.append(sid)
   if not train or not test:
     raise EvalError(f"{path}: empty {'train' if not train else 'test'} column")
   name = f"{subset}/{pathlib.Path(path).stem}" if subset else pathlib.Path(path).stem
-  return Split(subset=subset or "fixed", name=name, source=path, train=tuple(train),
-               test=tuple(test))
+  return Split(
+    subset=subset or "fixed", name=name, source=path, train=tuple(train), test=tuple(test)
+  )
 
 
 def _split_files(d: pathlib.Path) -> list:
@@ -129,8 +133,10 @@ def load_splits(splits_dir) -> list:
   if files:
     return [read_split_file(p, d.name) for p in files]
   order = {"full": 0, "25p": 1, "250": 2, "100": 3, "50": 4}
-  subs = sorted((p for p in d.iterdir() if p.is_dir() and _split_files(p)),
-                key=lambda p: (order.get(p.name, 9), p.name))
+  subs = sorted(
+    (p for p in d.iterdir() if p.is_dir() and _split_files(p)),
+    key=lambda p: (order.get(p.name, 9), p.name),
+  )
   if not subs:
     raise EvalError(f"{d}: no split_K.csv files here or in its subfolders")
   return [read_split_file(p, s.name) for s in subs for p in _split_files(s)]
@@ -153,8 +159,10 @@ def parse_subset(spec: str):
     return ("fraction", frac)
   if s.isdigit() and int(s) > 0:
     return ("count", int(s))
-  raise EvalError(f"subset {spec!r}: use 'full', a percentage like '25p' or '25%', or a "
-                  "number of training slides like '50'")
+  raise EvalError(
+    f"subset {spec!r}: use 'full', a percentage like '25p' or '25%', or a "
+    "number of training slides like '50'"
+  )
 
 
 def subsample(train: list, labels: dict, spec: str, rng: np.random.Generator) -> list:
@@ -178,8 +186,7 @@ def subsample(train: list, labels: dict, spec: str, rng: np.random.Generator) ->
   y = np.array([labels[s] for s in train])
   classes, counts = np.unique(y, return_counts=True)
   if n < len(classes):
-    raise EvalError(f"subset {spec!r}: {n} training slides cannot hold all "
-                    f"{len(classes)} classes")
+    raise EvalError(f"subset {spec!r}: {n} training slides cannot hold all {len(classes)} classes")
   # Largest-remainder quotas proportional to the class counts, at least 1 each.
   raw = counts * n / len(train)
   quota = np.maximum(1, np.floor(raw)).astype(int)
@@ -197,8 +204,9 @@ def subsample(train: list, labels: dict, spec: str, rng: np.random.Generator) ->
   return [train[i] for i in sorted(chosen)]
 
 
-def kfold_splits(ids: list, labels: dict, folds: int = 5, subsets=("full",),
-                 seed: int = 0, repeats: int = 1) -> list:
+def kfold_splits(
+  ids: list, labels: dict, folds: int = 5, subsets=("full",), seed: int = 0, repeats: int = 1
+) -> list:
   """Stratified k-fold splits of the labelled slides, each fold's training set subsampled.
 
   Args:
@@ -219,8 +227,10 @@ def kfold_splits(ids: list, labels: dict, folds: int = 5, subsets=("full",),
   classes, counts = np.unique(y, return_counts=True)
   if counts.min() < folds:
     c = classes[np.argmin(counts)]
-    raise EvalError(f"class {c!r} has {counts.min()} slides, fewer than --folds={folds}: "
-                    "use fewer folds or more slides")
+    raise EvalError(
+      f"class {c!r} has {counts.min()} slides, fewer than --folds={folds}: "
+      "use fewer folds or more slides"
+    )
   if repeats < 1:
     raise EvalError(f"--repeats must be >= 1, got {repeats}")
   base = []
@@ -234,14 +244,21 @@ def kfold_splits(ids: list, labels: dict, folds: int = 5, subsets=("full",),
     for k, (tr, te) in enumerate(base):
       train = subsample([ids[i] for i in tr], labels, spec, rng)
       rep, fold = divmod(k, folds)
-      out.append(Split(subset=spec, name=f"{spec}/rep_{rep}_fold_{fold}",
-                       source=f"stratified {folds}-fold CV (seed {seed + rep}), fold {fold}",
-                       train=tuple(train), test=tuple(ids[i] for i in te)))
+      out.append(
+        Split(
+          subset=spec,
+          name=f"{spec}/rep_{rep}_fold_{fold}",
+          source=f"stratified {folds}-fold CV (seed {seed + rep}), fold {fold}",
+          train=tuple(train),
+          test=tuple(ids[i] for i in te),
+        )
+      )
   return out
 
 
-def check_inputs(reps_list: list, labels: dict, labels_path: str, splits: list | None,
-                 drop_missing: bool = False) -> tuple[dict, list]:
+def check_inputs(
+  reps_list: list, labels: dict, labels_path: str, splits: list | None, drop_missing: bool = False
+) -> tuple[dict, list]:
   """Validates ids across labels, splits and every representation file.
 
   Returns:
@@ -257,12 +274,14 @@ def check_inputs(reps_list: list, labels: dict, labels_path: str, splits: list |
     s = missing[0]
     who = next(r for r in reps_list if s not in set(r.ids))
     raise EvalError(
-        f"{labels_path} line {rows.get(s, '?')}: slide {s!r} has no representation in "
-        f"{who.path} ({len(missing)} labelled slides missing in all); pass --drop_missing "
-        "to evaluate on the slides that have one (the reference does so)")
+      f"{labels_path} line {rows.get(s, '?')}: slide {s!r} has no representation in "
+      f"{who.path} ({len(missing)} labelled slides missing in all); pass --drop_missing "
+      "to evaluate on the slides that have one (the reference does so)"
+    )
   if missing:
-    print(f"evaluate: dropping {len(missing)} labelled slides with no representation",
-          file=sys.stderr)
+    print(
+      f"evaluate: dropping {len(missing)} labelled slides with no representation", file=sys.stderr
+    )
     labels = {s: v for s, v in labels.items() if s in have}
   if splits is None:
     return labels, None
@@ -276,16 +295,21 @@ def check_inputs(reps_list: list, labels: dict, labels_path: str, splits: list |
         if s in lines and drop_missing:
           continue  # labelled but without a representation: dropped above
         if s in lines:
-          raise EvalError(f"{sp.source} line {_split_line(sp.source, s)}: slide {s!r} "
-                          f"({col}) has no representation")
+          raise EvalError(
+            f"{sp.source} line {_split_line(sp.source, s)}: slide {s!r} "
+            f"({col}) has no representation"
+          )
         unknown.append((col, s))
     if unknown and len(unknown) == len(sp.train) + len(sp.test):
-      raise EvalError(f"{sp.source}: none of its slides is in the labels file {labels_path} "
-                      "(splits and labels of different tasks?)")
+      raise EvalError(
+        f"{sp.source}: none of its slides is in the labels file {labels_path} "
+        "(splits and labels of different tasks?)"
+      )
     if unknown:
       col, s = unknown[0]
       left_out.setdefault(str(pathlib.Path(sp.source).parent), []).append(
-          (sp.source, len(unknown), _split_line(sp.source, s), col, s))
+        (sp.source, len(unknown), _split_line(sp.source, s), col, s)
+      )
     train = tuple(s for s in sp.train if s in labels)
     test = tuple(s for s in sp.test if s in labels)
     out.append(dataclasses.replace(sp, train=train, test=test))
@@ -293,20 +317,26 @@ def check_inputs(reps_list: list, labels: dict, labels_path: str, splits: list |
   # the reference, such slides are left out, but never silently.
   for folder, items in left_out.items():
     src, n, line, col, s = items[0]
-    print(f"evaluate: warning: {len(items)} split files in {folder} list slides that are not "
-          f"in {labels_path}: left out (first: {src} line {line}, {col} {s!r}; "
-          f"{n} in that file)", file=sys.stderr)
+    print(
+      f"evaluate: warning: {len(items)} split files in {folder} list slides that are not "
+      f"in {labels_path}: left out (first: {src} line {line}, {col} {s!r}; "
+      f"{n} in that file)",
+      file=sys.stderr,
+    )
   classes = sorted(set(labels.values()))
   for sp in out:
     for col, part in (("train", sp.train), ("test", sp.test)):
       present = {labels[s] for s in part}
       lacking = [c for c in classes if c not in present]
       if col == "test" and len(present) < 2:
-        raise EvalError(f"{sp.source}: the test set has only class {sorted(present)} "
-                        "(ROC-AUC needs both classes)")
+        raise EvalError(
+          f"{sp.source}: the test set has only class {sorted(present)} (ROC-AUC needs both classes)"
+        )
       if lacking:
-        raise EvalError(f"{sp.source}: the {col} set has no slide of class(es) {lacking} "
-                        f"of the labels file {labels_path}")
+        raise EvalError(
+          f"{sp.source}: the {col} set has no slide of class(es) {lacking} "
+          f"of the labels file {labels_path}"
+        )
   return labels, out
 
 

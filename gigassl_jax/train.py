@@ -56,42 +56,56 @@ class NonFiniteLossError(RuntimeError):
 # ------------------------------------------------------------ building ------
 
 
-def build_model(cfg: config_lib.Config, in_features: int, *, bn_axis_name=None,
-                seed: int | None = None) -> models.GigaSSL:
+def build_model(
+  cfg: config_lib.Config, in_features: int, *, bn_axis_name=None, seed: int | None = None
+) -> models.GigaSSL:
   """The GigaSSL model of a config (random init, or torchvision layer4)."""
-  model = models.GigaSSL(in_features, conv_impl=cfg.conv_impl,
-                         table_builder=cfg.model_table_builder, bn_axis_name=bn_axis_name,
-                         rngs=nnx.Rngs(cfg.train_seed if seed is None else seed))
+  model = models.GigaSSL(
+    in_features,
+    conv_impl=cfg.conv_impl,
+    table_builder=cfg.model_table_builder,
+    bn_axis_name=bn_axis_name,
+    rngs=nnx.Rngs(cfg.train_seed if seed is None else seed),
+  )
   if cfg.model_init == "torchvision":
     from gigassl_jax import pth  # pylint: disable=g-import-not-at-top
+
     path = pathlib.Path(cfg.model_weights)
     if not path.is_file():
       raise FileNotFoundError(f"--model_weights={path} does not exist")
-    models.load_torchvision_layer4(model.pool, pth.load_state_dict(path),
-                                   orientation=cfg.model_orientation)
+    models.load_torchvision_layer4(
+      model.pool, pth.load_state_dict(path), orientation=cfg.model_orientation
+    )
   return model
 
 
 def make_mesh(devices=None) -> jax.sharding.Mesh:
   """1-D `data` mesh over `devices` (default: all devices of all processes)."""
   devices = jax.devices() if devices is None else list(devices)
-  return jax.sharding.Mesh(np.array(devices), (AXIS,),
-                           axis_types=(jax.sharding.AxisType.Auto,))
+  return jax.sharding.Mesh(np.array(devices), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def make_schedule(cfg: config_lib.Config, total_steps: int, steps_per_epoch: int):
   """Linear warm-up from 0 over optim_warmup_epochs, then cosine decay to final_lr."""
   warmup = min(round(cfg.optim_warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup,
-      decay_steps=max(total_steps, warmup + 1),
-      end_value=cfg.optim_final_lr * cfg.train_batch_size / 256.0)
+    init_value=0.0,
+    peak_value=cfg.lr,
+    warmup_steps=warmup,
+    decay_steps=max(total_steps, warmup + 1),
+    end_value=cfg.optim_final_lr * cfg.train_batch_size / 256.0,
+  )
 
 
 def make_optimizer(cfg: config_lib.Config, schedule) -> optax.GradientTransformation:
   if cfg.optim_weight_decay > 0:
-    return optax.adamw(schedule, b1=cfg.optim_b1, b2=cfg.optim_b2, eps=cfg.optim_eps,
-                       weight_decay=cfg.optim_weight_decay)
+    return optax.adamw(
+      schedule,
+      b1=cfg.optim_b1,
+      b2=cfg.optim_b2,
+      eps=cfg.optim_eps,
+      weight_decay=cfg.optim_weight_decay,
+    )
   return optax.adam(schedule, b1=cfg.optim_b1, b2=cfg.optim_b2, eps=cfg.optim_eps)
 
 
@@ -102,15 +116,23 @@ def init_state(model: models.GigaSSL, tx) -> tuple[nnx.GraphDef, dict]:
   the number of finished steps).
   """
   graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-  state = {"params": params, "batch_stats": stats, "opt_state": tx.init(params),
-           "step": jnp.zeros((), jnp.int32)}
+  state = {
+    "params": params,
+    "batch_stats": stats,
+    "opt_state": tx.init(params),
+    "step": jnp.zeros((), jnp.int32),
+  }
   return graphdef, state
 
 
 def coord_config(cfg: config_lib.Config) -> coord_augment.CoordAugment:
   return coord_augment.CoordAugment(
-      translate=cfg.data_translate, rotate=cfg.data_rotate, flip=cfg.data_flip,
-      scale=cfg.data_scale, scale_range=tuple(cfg.data_scale_range))
+    translate=cfg.data_translate,
+    rotate=cfg.data_rotate,
+    flip=cfg.data_flip,
+    scale=cfg.data_scale,
+    scale_range=tuple(cfg.data_scale_range),
+  )
 
 
 def _grads_body(graphdef, cfg: config_lib.Config):
@@ -123,9 +145,17 @@ def _grads_body(graphdef, cfg: config_lib.Config):
 
   def body(params, stats, step, batch):
     key = jax.random.fold_in(jax.random.key(cfg.train_seed), step)
-    views = [data_lib.make_views(jax.random.fold_in(key, v), batch["xy"][:, v],
-                                 batch["feats"][:, v], batch["position"], aug, cfg.data_cell)
-             for v in range(2)]
+    views = [
+      data_lib.make_views(
+        jax.random.fold_in(key, v),
+        batch["xy"][:, v],
+        batch["feats"][:, v],
+        batch["position"],
+        aug,
+        cfg.data_cell,
+      )
+      for v in range(2)
+    ]
 
     def loss_fn(params, stats):
       # Fresh Variables at this trace level (BN writes its running statistics).
@@ -133,8 +163,7 @@ def _grads_body(graphdef, cfg: config_lib.Config):
       # Two forward passes, as the reference: BN statistics per view batch.
       _, z1 = model(views[0])
       _, z2 = model(views[1])
-      loss = losses.nt_xent(z1, z2, cfg.loss_temperature,
-                            axis_name=AXIS if global_neg else None)
+      loss = losses.nt_xent(z1, z2, cfg.loss_temperature, axis_name=AXIS if global_neg else None)
       return loss, (nnx.state(model, nnx.BatchStat), z1)
 
     (loss, (stats, z1)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats)
@@ -158,8 +187,11 @@ def make_grad_step(graphdef, cfg: config_lib.Config, mesh):
   The training step without the optimiser (for tests and benchmarks).
   """
   body = _grads_body(graphdef, cfg)
-  return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), P(), P(AXIS)),
-                               out_specs=P(), check_vma=False))
+  return jax.jit(
+    jax.shard_map(
+      body, mesh=mesh, in_specs=(P(), P(), P(), P(AXIS)), out_specs=P(), check_vma=False
+    )
+  )
 
 
 def make_train_step(graphdef, cfg: config_lib.Config, tx, mesh):
@@ -173,16 +205,22 @@ def make_train_step(graphdef, cfg: config_lib.Config, tx, mesh):
   grads_body = _grads_body(graphdef, cfg)
 
   def body(state, batch):
-    loss, grads, stats, collapse = grads_body(state["params"], state["batch_stats"],
-                                              state["step"], batch)
+    loss, grads, stats, collapse = grads_body(
+      state["params"], state["batch_stats"], state["step"], batch
+    )
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    new = {"params": params, "batch_stats": stats, "opt_state": opt_state,
-           "step": state["step"] + 1}
+    new = {
+      "params": params,
+      "batch_stats": stats,
+      "opt_state": opt_state,
+      "step": state["step"] + 1,
+    }
     return new, {"loss": loss, "collapse": collapse, "grad_norm": _tree_norm(grads)}
 
-  sharded = jax.shard_map(body, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()),
-                          check_vma=False)
+  sharded = jax.shard_map(
+    body, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()), check_vma=False
+  )
   return jax.jit(sharded, donate_argnums=0)
 
 
@@ -201,8 +239,9 @@ def put_replicated(tree, mesh):
 def put_batch(local: dict, mesh) -> dict:
   """This process's share of a batch -> global arrays sharded over `data`."""
   sh = NamedSharding(mesh, P(AXIS))
-  return {k: jax.make_array_from_process_local_data(sh, local[k])
-          for k in ("feats", "xy", "position")}
+  return {
+    k: jax.make_array_from_process_local_data(sh, local[k]) for k in ("feats", "xy", "position")
+  }
 
 
 def to_host(x) -> np.ndarray:
@@ -215,8 +254,9 @@ def to_host(x) -> np.ndarray:
 
 def checkpoint_manager(workdir, keep: int = 3) -> ocp.CheckpointManager:
   opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-  return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / CKPT_DIR, options=opts,
-                               item_names=("state", "meta"))
+  return ocp.CheckpointManager(
+    pathlib.Path(workdir).absolute() / CKPT_DIR, options=opts, item_names=("state", "meta")
+  )
 
 
 def _abstract(tree, sharding=None):
@@ -227,8 +267,10 @@ def restore_state(mgr, state, mesh, step=None):
   """(state, meta) of checkpoint `step` (default latest), replicated on `mesh`."""
   step = mgr.latest_step() if step is None else step
   target = _abstract(state, NamedSharding(mesh, P()))
-  got = mgr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+  got = mgr.restore(
+    step,
+    args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()),
+  )
   return got["state"], got["meta"]
 
 
@@ -272,13 +314,17 @@ class Metrics:
       return
     # A resumed run rewrites what came after its checkpoint.
     if self.path.exists():
-      keep = [l for l in self.path.read_text().splitlines()
-              if l.strip() and json.loads(l)["step"] <= start_step]
+      keep = [
+        l
+        for l in self.path.read_text().splitlines()
+        if l.strip() and json.loads(l)["step"] <= start_step
+      ]
       tmp = self.path.with_name(f".{METRICS}.tmp-{os.getpid()}")
       tmp.write_text("".join(l + "\n" for l in keep))
       os.replace(tmp, self.path)
     try:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
       self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tb"), purge_step=start_step + 1)
     except ImportError:
       log.warning("tensorboardX not installed: no TensorBoard events")
@@ -307,8 +353,10 @@ def plot_loss_curve(workdir) -> pathlib.Path | None:
   if not recs:
     return None
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
   steps = [r["step"] for r in recs]
   ax[0].plot(steps, [r["loss"] for r in recs])
@@ -332,14 +380,17 @@ def init_distributed(cfg: config_lib.Config) -> None:
   if cfg.dist_init == "none":
     return
   if cfg.dist_cpu_collectives != "none" and (
-      jax.config.jax_platforms == "cpu" or os.environ.get("JAX_PLATFORMS") == "cpu"):
+    jax.config.jax_platforms == "cpu" or os.environ.get("JAX_PLATFORMS") == "cpu"
+  ):
     jax.config.update("jax_cpu_collectives_implementation", cfg.dist_cpu_collectives)
   if cfg.dist_init == "auto":
     jax.distributed.initialize()
   else:
-    jax.distributed.initialize(coordinator_address=cfg.dist_coordinator,
-                               num_processes=cfg.dist_num_processes,
-                               process_id=cfg.dist_process_id)
+    jax.distributed.initialize(
+      coordinator_address=cfg.dist_coordinator,
+      num_processes=cfg.dist_num_processes,
+      process_id=cfg.dist_process_id,
+    )
 
 
 def open_bank(cfg: config_lib.Config):
@@ -351,6 +402,7 @@ def open_bank(cfg: config_lib.Config):
       data_lib.make_synthetic_bank(bank_dir, s, k, t, f, seed=cfg.train_seed)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
       multihost_utils.sync_global_devices("synthetic_bank")
     return bank_lib.open_bank(bank_dir)
   return bank_lib.open_bank(cfg.data_bank)
@@ -365,25 +417,37 @@ def run(cfg: config_lib.Config) -> dict:
   # --- data: the bank, the sampler, the resolved config -------------------
   reader = open_bank(cfg)
   if cfg.model_in_features and cfg.model_in_features != reader.feature_dim:
-    raise ValueError(f"--model_in_features={cfg.model_in_features} but the bank "
-                     f"{reader.path} holds {reader.feature_dim}-d embeddings")
+    raise ValueError(
+      f"--model_in_features={cfg.model_in_features} but the bank "
+      f"{reader.path} holds {reader.feature_dim}-d embeddings"
+    )
   cfg = cfg.replace(model_in_features=reader.feature_dim)
   n_dev = jax.device_count()
   if cfg.train_batch_size % n_dev:
-    raise ValueError(f"--train_batch_size={cfg.train_batch_size} is not divisible by the "
-                     f"{n_dev} devices")
+    raise ValueError(
+      f"--train_batch_size={cfg.train_batch_size} is not divisible by the {n_dev} devices"
+    )
   sampler = data_lib.ViewSampler(
-      reader, batch_size=cfg.train_batch_size, tiles=cfg.data_tiles, seed=cfg.train_seed,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      read_threads=cfg.data_read_threads, workers=sampling.auto_workers(cfg.data_workers))
+    reader,
+    batch_size=cfg.train_batch_size,
+    tiles=cfg.data_tiles,
+    seed=cfg.train_seed,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    read_threads=cfg.data_read_threads,
+    workers=sampling.auto_workers(cfg.data_workers),
+  )
   spe = sampler.steps_per_epoch
   total = cfg.train_steps if cfg.train_steps > 0 else max(1, round(cfg.train_epochs * spe))
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)
     old = workdir / config_lib.CONFIG_JSON
     if old.exists() and config_lib.read(workdir) != cfg:
-      log.warning("%s differs from this run's flags; overwriting (a changed run "
-                      "resumes from the same checkpoints)", old)
+      log.warning(
+        "%s differs from this run's flags; overwriting (a changed run "
+        "resumes from the same checkpoints)",
+        old,
+      )
     config_lib.write(cfg, workdir)
 
   # --- model, optimiser, state (restored if a checkpoint exists) ----------
@@ -403,13 +467,19 @@ def run(cfg: config_lib.Config) -> dict:
   train_step = make_train_step(graphdef, cfg, tx, mesh)
 
   # --- loop: prefetch, step, metrics one step behind, checkpoints ---------
-  prefetch = data_lib.Prefetcher(sampler.local_batch, start, total, cfg.data_prefetch,
-                                 put=functools.partial(put_batch, mesh=mesh))
+  prefetch = data_lib.Prefetcher(
+    sampler.local_batch,
+    start,
+    total,
+    cfg.data_prefetch,
+    put=functools.partial(put_batch, mesh=mesh),
+  )
   metrics = Metrics(workdir, start, is_main)
   views_per_step = 2 * cfg.train_batch_size
   bar = None
   if is_main and cfg.train_progress:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+
     bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
   t_log, n_log, t_start = None, 0, time.perf_counter()
   last = {}
@@ -420,9 +490,10 @@ def run(cfg: config_lib.Config) -> dict:
     vals = {k: float(to_host(v)) for k, v in m.items()}
     if not (math.isfinite(vals["loss"]) and math.isfinite(vals["grad_norm"])):
       raise NonFiniteLossError(
-          f"non-finite loss {vals['loss']} (gradient norm {vals['grad_norm']}) at step "
-          f"{step + 1}; the last good checkpoint (step {mgr.latest_step()}) is kept in "
-          f"{workdir / CKPT_DIR}. Lower --optim_base_lr or check the bank.")
+        f"non-finite loss {vals['loss']} (gradient norm {vals['grad_norm']}) at step "
+        f"{step + 1}; the last good checkpoint (step {mgr.latest_step()}) is kept in "
+        f"{workdir / CKPT_DIR}. Lower --optim_base_lr or check the bank."
+      )
     now = time.perf_counter()
     if t_log is None:  # the first step includes compilation: not timed
       t_log, n_log = now, 0
@@ -431,15 +502,28 @@ def run(cfg: config_lib.Config) -> dict:
     done = step + 1
     if done % cfg.train_log_every == 0 or done == total:
       vps = n_log * views_per_step / (now - t_log) if n_log else None  # JSON null
-      last = {"step": done, "loss": vals["loss"], "lr": float(schedule(step)),
-              "views_per_s": vps, "collapse": vals["collapse"],
-              "grad_norm": vals["grad_norm"], "epoch": done / spe}
+      last = {
+        "step": done,
+        "loss": vals["loss"],
+        "lr": float(schedule(step)),
+        "views_per_s": vps,
+        "collapse": vals["collapse"],
+        "grad_norm": vals["grad_norm"],
+        "epoch": done / spe,
+      }
       metrics.write(last)
       if bar is None and is_main:
         eta = (total - done) * (now - t_log) / max(n_log, 1)
-        log.info("step %d/%d loss %.4f lr %.3g collapse %.3f %s views/s ETA %.0fs",
-                 done, total, vals["loss"], last["lr"], vals["collapse"],
-                 "-" if vps is None else f"{vps:.0f}", eta)
+        log.info(
+          "step %d/%d loss %.4f lr %.3g collapse %.3f %s views/s ETA %.0fs",
+          done,
+          total,
+          vals["loss"],
+          last["lr"],
+          vals["collapse"],
+          "-" if vps is None else f"{vps:.0f}",
+          eta,
+        )
       t_log, n_log = now, 0
     if bar is not None:
       bar.update(1)
@@ -456,10 +540,15 @@ def run(cfg: config_lib.Config) -> dict:
       if (step + 1) % cfg.train_ckpt_every == 0 or step + 1 == total:
         check(*pending)  # never checkpoint a state after a non-finite step
         pending = None
-        mgr.save(step + 1, args=ocp.args.Composite(
+        mgr.save(
+          step + 1,
+          args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            meta=ocp.args.JsonSave({"step": step + 1, "epoch": (step + 1) / spe,
-                                    "seed": cfg.train_seed})))
+            meta=ocp.args.JsonSave(
+              {"step": step + 1, "epoch": (step + 1) / spe, "seed": cfg.train_seed}
+            ),
+          ),
+        )
     if pending is not None:
       check(*pending)
   finally:
@@ -472,8 +561,9 @@ def run(cfg: config_lib.Config) -> dict:
       bar.close()
   if is_main:
     plot_loss_curve(workdir)
-    log.info("done: %d steps in %.1fs; workdir %s", total - start,
-                 time.perf_counter() - t_start, workdir)
+    log.info(
+      "done: %d steps in %.1fs; workdir %s", total - start, time.perf_counter() - t_start, workdir
+    )
   return last
 
 

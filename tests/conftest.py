@@ -7,7 +7,7 @@ import os
 import pathlib
 
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -18,4 +18,4 @@ FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
 @pytest.fixture
 def fixtures_dir():
-    return FIXTURES
+  return FIXTURES

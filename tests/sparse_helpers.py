@@ -11,8 +11,9 @@ import numpy as np
 from gigassl_jax.sparse import maps
 
 
-def random_grid_views(rng, n_views, n_tiles, extent, *, dense_patch=False, dup_frac=0.3,
-                      invalid_frac=0.0):
+def random_grid_views(
+  rng, n_views, n_tiles, extent, *, dense_patch=False, dup_frac=0.3, invalid_frac=0.0
+):
   """Random tile grid coordinates with duplicates, isolated sites and dense patches.
 
   Returns grid int32 [V, T, 2], valid bool [V, T].
@@ -23,7 +24,7 @@ def random_grid_views(rng, n_views, n_tiles, extent, *, dense_patch=False, dup_f
     side = int(np.sqrt(n_tiles))
     yy, xx = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
     patch = np.stack([xx.ravel(), yy.ravel()], -1) + 1
-    g[0, :len(patch)] = patch
+    g[0, : len(patch)] = patch
   # Duplicates: copy some tiles onto others' cells.
   n_dup = int(dup_frac * n_tiles)
   for v in range(n_views):
@@ -64,9 +65,14 @@ def oracle_conv(feats, weight, coords, mask, out_coords, out_mask, extent, strid
   dense = to_dense(feats, coords, mask, extent)
   kernel = weight.reshape(ksize, ksize, weight.shape[1], weight.shape[2])
   pad = [(ksize // 2, ksize // 2)] * 2 if stride == 1 else [(0, ksize - 1)] * 2
-  out = jax.lax.conv_general_dilated(dense, kernel, (stride, stride), pad,
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                     precision=jax.lax.Precision.HIGHEST)
+  out = jax.lax.conv_general_dilated(
+    dense,
+    kernel,
+    (stride, stride),
+    pad,
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    precision=jax.lax.Precision.HIGHEST,
+  )
   return from_dense(out, out_coords, out_mask)
 
 
@@ -75,8 +81,9 @@ def oracle_strided_sites(coords, mask, extent, spatial_size=None):
   res = []
   for v in range(coords.shape[0]):
     pts = {tuple(p) for p, m in zip(np.asarray(coords[v]).tolist(), np.asarray(mask[v])) if m}
-    lim = [(extent + 1) // 2 + 1] * 2 if spatial_size is None else \
-        [(s - 1) // 2 for s in spatial_size]
+    lim = (
+      [(extent + 1) // 2 + 1] * 2 if spatial_size is None else [(s - 1) // 2 for s in spatial_size]
+    )
     out = []
     for j0 in range(lim[0]):
       for j1 in range(lim[1]):

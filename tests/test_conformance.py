@@ -12,8 +12,11 @@ GOLDEN = pathlib.Path(__file__).parent / "fixtures" / "golden_scn"
 
 def _run(directory, *args):
   return subprocess.run(
-      [sys.executable, "-m", "gigassl_jax.sparse.conformance", str(directory), *args],
-      capture_output=True, text=True, timeout=600)
+    [sys.executable, "-m", "gigassl_jax.sparse.conformance", str(directory), *args],
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
 
 
 def test_conformance_runner_passes_every_golden_file():
@@ -35,8 +38,9 @@ def test_conformance_runner_fails_on_a_perturbed_file(tmp_path):
   np.savez(tmp_path / "mystery.npz", a=np.zeros(3))
   p = _run(tmp_path)
   assert p.returncode == 1, p.stdout + p.stderr
-  lines = {l.split()[0]: l for l in p.stdout.splitlines() if l.endswith(("PASS", "FAIL"))
-           or "FAIL" in l}
+  lines = {
+    l.split()[0]: l for l in p.stdout.splitlines() if l.endswith(("PASS", "FAIL")) or "FAIL" in l
+  }
   assert "FAIL" in lines["subm3x3.npz"] and lines["bn_eval.npz"].endswith("PASS")
   assert "FAIL" in lines["mystery.npz"]
 

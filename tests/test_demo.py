@@ -17,8 +17,10 @@ BLUE, RED = np.array([0, 0, 255], np.uint8), np.array([255, 0, 0], np.uint8)
 
 def _flat_textures():
   """Tumour painted pure blue, stroma pure red: composition readable from the pixels."""
-  return {"tumour": [np.broadcast_to(BLUE, (200, 200, 3)).copy()],
-          "stroma": [np.broadcast_to(RED, (200, 200, 3)).copy()]}
+  return {
+    "tumour": [np.broadcast_to(BLUE, (200, 200, 3)).copy()],
+    "stroma": [np.broadcast_to(RED, (200, 200, 3)).copy()],
+  }
 
 
 def _measure(img):
@@ -54,11 +56,14 @@ def test_classes_differ_in_composition_and_arrangement():
 
 
 def test_slides_are_pyramidal_aperio_tiffs_openslide_reads(tmp_path):
-  labels = cohort.make_cohort(cohort.CohortConfig(out=str(tmp_path), n_per_class=1, grid=4,
-                                                  seed=3), progress=False)
+  labels = cohort.make_cohort(
+    cohort.CohortConfig(out=str(tmp_path), n_per_class=1, grid=4, seed=3), progress=False
+  )
   rows = list(csv.DictReader(open(labels)))
-  assert [(r["ID"], r["label"]) for r in rows] == [("demo_000", "stroma_rich"),
-                                                    ("demo_001", "tumour_rich")]
+  assert [(r["ID"], r["label"]) for r in rows] == [
+    ("demo_000", "stroma_rich"),
+    ("demo_001", "tumour_rich"),
+  ]
   tex = cohort.load_textures()
   for i, r in enumerate(rows):
     s = openslide.OpenSlide(tmp_path / "slides" / f"{r['ID']}.svs")
@@ -86,8 +91,15 @@ def test_quick_demo_end_to_end(tmp_path):
   res = demo.run(demo.DemoConfig.quick(out=str(tmp_path / "demo"), progress=False))
   out = tmp_path / "demo"
   assert res["out"] == out
-  for name in ("README.md", "results.md", "results.csv", "per_split.csv", "cohort.png",
-               "pca.png", "loss.png"):
+  for name in (
+    "README.md",
+    "results.md",
+    "results.csv",
+    "per_split.csv",
+    "cohort.png",
+    "pca.png",
+    "loss.png",
+  ):
     assert (out / name).is_file(), name
   assert len(list((out / "thumbnails").glob("demo_*.png"))) == 8
   rows = {r["method"]: r for r in res["rows"]}

@@ -43,12 +43,12 @@ def pool():
   return net
 
 
-@pytest.mark.parametrize("n_tiles,n_views,tiles", [(12, 100, 5), (12, 3, 5), (4, 10, 5),
-                                                   (20, 7, 3)])
+@pytest.mark.parametrize(
+  "n_tiles,n_views,tiles", [(12, 100, 5), (12, 3, 5), (4, 10, 5), (20, 7, 3)]
+)
 def test_ensemble_draws_chunks_without_replacement(n_tiles, n_views, tiles):
   n_aug = 3
-  aug, tile, valid = encode.ensemble_draws(n_aug, n_tiles, n_views, tiles,
-                                           np.random.default_rng(9))
+  aug, tile, valid = encode.ensemble_draws(n_aug, n_tiles, n_views, tiles, np.random.default_rng(9))
   per_aug = max(1, n_tiles // tiles)
   assert len(aug) == min(n_views, n_aug * per_aug)
   assert tile.shape == valid.shape == (len(aug), tiles)
@@ -80,8 +80,7 @@ def test_ensemble_equals_direct_computation_and_ignores_batch(bank, pool):
   np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, rtol=1e-5)
   for s in (5,):
     emb, coords = [np.stack(x) for x in zip(*(reader.get(s, k) for k in range(N_AUG)))]
-    draws = encode.ensemble_draws(N_AUG, N_TILES, 7, 5,
-                                  encode.slide_rng(4, reader.slide_ids[s]))
+    draws = encode.ensemble_draws(N_AUG, N_TILES, 7, 5, encode.slide_rng(4, reader.slide_ids[s]))
     np.testing.assert_allclose(a[s], _direct(pool, emb, coords, *draws), rtol=1e-4, atol=1e-5)
   c = encode.encode_ensemble(pool, reader, n_views=7, tiles=5, seed=5, batch_slides=3)
   assert not np.allclose(a, c)
@@ -121,8 +120,15 @@ def test_vectors_follow_slide_ids_not_bank_order(bank, pool, tmp_path):
 
 
 def test_run_writes_npz_and_ids_csv_reproducibly(bank, tmp_path):
-  ids, reps = encode.run(str(bank), str(tmp_path / "r.npz"), method="random_init",
-                         n_views=6, tiles=5, seed=2, show_progress=False)
+  ids, reps = encode.run(
+    str(bank),
+    str(tmp_path / "r.npz"),
+    method="random_init",
+    n_views=6,
+    tiles=5,
+    seed=2,
+    show_progress=False,
+  )
   z = np.load(tmp_path / "r.npz")
   assert list(z["ids"]) == ids == [f"slide_{i}" for i in range(N_SLIDES)]
   assert z["reps"].shape == (N_SLIDES, 512) and str(z["method"]) == "random_init"
@@ -130,11 +136,17 @@ def test_run_writes_npz_and_ids_csv_reproducibly(bank, tmp_path):
   assert meta["n_views"] == 6 and meta["tiles"] == 5 and meta["seed"] == 2
   lines = (tmp_path / "r_ids.csv").read_text().splitlines()
   assert lines[0] == "row,ID" and lines[3] == "2,slide_2"
-  again = encode.run(str(bank), str(tmp_path / "s.npz"), method="random_init", n_views=6,
-                     tiles=5, seed=2, show_progress=False)[1]
+  again = encode.run(
+    str(bank),
+    str(tmp_path / "s.npz"),
+    method="random_init",
+    n_views=6,
+    tiles=5,
+    seed=2,
+    show_progress=False,
+  )[1]
   np.testing.assert_array_equal(reps, again)
-  mean = encode.run(str(bank), str(tmp_path / "m.npz"), method="mean_tiles",
-                    show_progress=False)[1]
+  mean = encode.run(str(bank), str(tmp_path / "m.npz"), method="mean_tiles", show_progress=False)[1]
   assert mean.shape == (N_SLIDES, DIM)
 
 
@@ -152,8 +164,9 @@ def test_gigassl_method_uses_the_restored_run(bank, pool, tmp_path, monkeypatch)
   from gigassl_jax import config as config_lib
   from gigassl_jax import train
 
-  cfg = config_lib.Config(workdir=str(tmp_path), data_bank=str(bank), model_in_features=DIM,
-                          data_cell=448)
+  cfg = config_lib.Config(
+    workdir=str(tmp_path), data_bank=str(bank), model_in_features=DIM, data_cell=448
+  )
   model = models.GigaSSL(DIM, rngs=nnx.Rngs(3))
   model.pool = pool
   seen = []
@@ -163,16 +176,19 @@ def test_gigassl_method_uses_the_restored_run(bank, pool, tmp_path, monkeypatch)
     return model, cfg
 
   monkeypatch.setattr(train, "restore_model", restore)
-  _, g = encode.run(str(bank), str(tmp_path / "g.npz"), workdir=str(tmp_path), n_views=4,
-                    show_progress=False)
+  _, g = encode.run(
+    str(bank), str(tmp_path / "g.npz"), workdir=str(tmp_path), n_views=4, show_progress=False
+  )
   assert seen == [str(tmp_path)]
-  want = encode.encode_ensemble(pool, bank_lib.open_bank(bank), n_views=4, tiles=5, seed=0,
-                                cell=448)
+  want = encode.encode_ensemble(
+    pool, bank_lib.open_bank(bank), n_views=4, tiles=5, seed=0, cell=448
+  )
   np.testing.assert_allclose(g, want, rtol=1e-6, atol=1e-7)
   meta = json.loads(str(np.load(tmp_path / "g.npz")["meta"]))
   assert meta["cell"] == 448 and meta["workdir"] == str(tmp_path)
   # A run trained on other features is refused.
-  monkeypatch.setattr(train, "restore_model",
-                      lambda w: (model, cfg.replace(model_in_features=DIM + 1)))
+  monkeypatch.setattr(
+    train, "restore_model", lambda w: (model, cfg.replace(model_in_features=DIM + 1))
+  )
   with pytest.raises(ValueError, match=f"trained on {DIM + 1}-d"):
     encode.run(str(bank), str(tmp_path / "h.npz"), workdir=str(tmp_path), show_progress=False)

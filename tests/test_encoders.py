@@ -18,6 +18,7 @@ def _fresh_seed():
 def _torch_resnet18():
   pytest.importorskip("torch")
   from gigassl_jax import encoder_peer  # pylint: disable=g-import-not-at-top  (peer only)
+
   return encoder_peer.resnet18(seed=_fresh_seed())
 
 
@@ -54,7 +55,12 @@ def test_resnet18_matches_torch_moco_checkpoint(tmp_path):
   # The key encoder differs from the query encoder: loading it by mistake shows.
   moco.update({f"module.encoder_k.{k}": v * 0.5 for k, v in sd.items()})
   moco["module.queue"] = torch.randn(128, 64)
-  ckpt = {"epoch": 200, "arch": "resnet18", "state_dict": moco, "optimizer": {"state": {}, "param_groups": [{"lr": 0.03}]}}
+  ckpt = {
+    "epoch": 200,
+    "arch": "resnet18",
+    "state_dict": moco,
+    "optimizer": {"state": {}, "param_groups": [{"lr": 0.03}]},
+  }
   path = tmp_path / "moco.pth.tar"
   torch.save(ckpt, path)
   _compare_resnet(model, encoders.get_encoder("resnet18", path))
@@ -144,7 +150,14 @@ def _torch_lite0_features(sd, images_nhwc01):
     return F.conv2d(F.pad(x, pads), w, stride=stride, groups=groups)
 
   def bn(x, name):
-    return F.batch_norm(x, sd[f"{name}.running_mean"], sd[f"{name}.running_var"], sd[f"{name}.weight"], sd[f"{name}.bias"], eps=1e-3)
+    return F.batch_norm(
+      x,
+      sd[f"{name}.running_mean"],
+      sd[f"{name}.running_var"],
+      sd[f"{name}.weight"],
+      sd[f"{name}.bias"],
+      eps=1e-3,
+    )
 
   x = (images_nhwc01.permute(0, 3, 1, 2) * 255 - 127) / 128
   x = F.relu6(bn(conv_same(x, sd["_conv_stem.weight"], 2), "_bn0"))
@@ -154,7 +167,11 @@ def _torch_lite0_features(sd, images_nhwc01):
     y = x
     if f"{b}._expand_conv.weight" in sd:
       y = F.relu6(bn(conv_same(y, sd[f"{b}._expand_conv.weight"]), f"{b}._bn0"))
-    y = F.relu6(bn(conv_same(y, sd[f"{b}._depthwise_conv.weight"], strides.get(i, 1), y.shape[1]), f"{b}._bn1"))
+    y = F.relu6(
+      bn(
+        conv_same(y, sd[f"{b}._depthwise_conv.weight"], strides.get(i, 1), y.shape[1]), f"{b}._bn1"
+      )
+    )
     y = bn(conv_same(y, sd[f"{b}._project_conv.weight"]), f"{b}._bn2")
     x = x + y if y.shape == x.shape else y
   x = F.relu6(bn(conv_same(x, sd["_conv_head.weight"]), "_bn1"))

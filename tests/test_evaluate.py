@@ -68,14 +68,21 @@ def test_reference_layout_lung_all_subsets(tmp_path):
   rng = np.random.default_rng(2)
   ev.save_reps(tmp_path / "signal.npz", ids, _signal_reps(ids, labels, 6, rng), "signal")
   ev.save_reps(tmp_path / "noise.npz", ids[::-1], rng.normal(size=(len(ids), 6)), "noise")
-  res = ev.run([tmp_path / "signal.npz", tmp_path / "noise.npz"], REF / "tables" / "lung.csv",
-               REF / "splitdirs" / "lung", tmp_path / "out", progress=False)
+  res = ev.run(
+    [tmp_path / "signal.npz", tmp_path / "noise.npz"],
+    REF / "tables" / "lung.csv",
+    REF / "splitdirs" / "lung",
+    tmp_path / "out",
+    progress=False,
+  )
   by = {(r["method"], r["subset"]): r for r in res["rows"]}
   assert [s for m, s in by if m == "signal"] == ["full", "25p", "100", "50"]
   for subset in ("full", "25p", "100", "50"):
     # Training-set sizes straight from the split files.
-    n_train = [sum(1 for r in _table(f) if r["train"])
-               for f in sorted((REF / "splitdirs" / "lung" / subset).glob("split_*.csv"))]
+    n_train = [
+      sum(1 for r in _table(f) if r["train"])
+      for f in sorted((REF / "splitdirs" / "lung" / subset).glob("split_*.csv"))
+    ]
     assert by[("signal", subset)]["n_splits"] == 10
     assert by[("signal", subset)]["n_train"] == int(np.median(n_train))
     assert by[("signal", subset)]["auc_mean"] > 0.8
@@ -107,8 +114,12 @@ def test_reference_layout_kidney_three_classes_and_missing_ids(tmp_path, capsys)
   ids, labels = [r["ID"] for r in rows], [r["label"] for r in rows]
   rng = np.random.default_rng(3)
   ev.save_reps(tmp_path / "k.npz", ids, _signal_reps(ids, labels, 5, rng, 2.0), "k")
-  res = ev.run([tmp_path / "k.npz"], REF / "tables" / "kidney.csv",
-               REF / "splitdirs" / "kidney" / "full", progress=False)
+  res = ev.run(
+    [tmp_path / "k.npz"],
+    REF / "tables" / "kidney.csv",
+    REF / "splitdirs" / "kidney" / "full",
+    progress=False,
+  )
   assert "7 in that file" in capsys.readouterr().err
   (row,) = res["rows"]
   assert row["n_splits"] == 10 and row["auc_mean"] > 0.85
@@ -124,12 +135,11 @@ def test_kfold_splits_are_stratified_partitions_with_subsets():
   rng = np.random.default_rng(4)
   ids = [f"s{i}" for i in range(90)]
   labels = dict(zip(ids, rng.choice(["a", "b", "c"], size=90, p=[0.5, 0.3, 0.2])))
-  splits = sp.kfold_splits(ids, labels, folds=5, subsets=("full", "25p", "12"), seed=7,
-                           repeats=2)
+  splits = sp.kfold_splits(ids, labels, folds=5, subsets=("full", "25p", "12"), seed=7, repeats=2)
   assert len(splits) == 3 * 10
   full = [s for s in splits if s.subset == "full"]
   for rep in range(2):
-    folds = full[rep * 5:(rep + 1) * 5]
+    folds = full[rep * 5 : (rep + 1) * 5]
     tests = [set(s.test) for s in folds]
     assert set().union(*tests) == set(ids) and sum(map(len, tests)) == 90
     for s in folds:
@@ -144,13 +154,14 @@ def test_kfold_splits_are_stratified_partitions_with_subsets():
       assert len(s.train) == 12 and {labels[i] for i in s.train} == {"a", "b", "c"}
     if s.subset == "25p":
       assert len(s.train) == round(0.25 * len(base.train))
-  again = sp.kfold_splits(ids, labels, folds=5, subsets=("full", "25p", "12"), seed=7,
-                          repeats=2)
+  again = sp.kfold_splits(ids, labels, folds=5, subsets=("full", "25p", "12"), seed=7, repeats=2)
   assert [s.train for s in again] == [s.train for s in splits]
 
 
-@pytest.mark.parametrize("spec,want", [("full", None), ("25p", ("fraction", 0.25)),
-                                       ("25%", ("fraction", 0.25)), ("50", ("count", 50))])
+@pytest.mark.parametrize(
+  "spec,want",
+  [("full", None), ("25p", ("fraction", 0.25)), ("25%", ("fraction", 0.25)), ("50", ("count", 50))],
+)
 def test_parse_subset(spec, want):
   assert sp.parse_subset(spec) == want
 
@@ -188,12 +199,14 @@ def _write_split(path, train, test):
 def test_labelled_slide_without_vector_names_labels_file_and_line(small):
   d, ids, labels = small
   _write_labels(d / "labels.csv", ids + ["ghost"], labels + ["pos"])
-  with pytest.raises(ev.EvalError, match=r"labels\.csv line 14: slide 'ghost' has no "
-                     r"representation in .*reps\.npz"):
+  with pytest.raises(
+    ev.EvalError,
+    match=r"labels\.csv line 14: slide 'ghost' has no "
+    r"representation in .*reps\.npz",
+  ):
     ev.run([d / "reps.npz"], d / "labels.csv", d / "splits", progress=False)
   # --drop_missing evaluates the others, as the reference does.
-  res = ev.run([d / "reps.npz"], d / "labels.csv", d / "splits", drop_missing=True,
-               progress=False)
+  res = ev.run([d / "reps.npz"], d / "labels.csv", d / "splits", drop_missing=True, progress=False)
   assert res["rows"][0]["n_test"] == 4
 
 
@@ -216,8 +229,11 @@ def test_split_with_one_class_in_test(small):
 def test_split_training_set_missing_a_class(small):
   d, ids, _ = small
   _write_split(d / "splits" / "split_0.csv", ids[0:8:2], ids[8:])
-  with pytest.raises(ev.EvalError, match=r"split_0\.csv: the train set has no slide of "
-                     r"class\(es\) \['pos'\]"):
+  with pytest.raises(
+    ev.EvalError,
+    match=r"split_0\.csv: the train set has no slide of "
+    r"class\(es\) \['pos'\]",
+  ):
     ev.run([d / "reps.npz"], d / "labels.csv", d / "splits", progress=False)
 
 
@@ -227,8 +243,11 @@ def test_split_of_another_task_and_duplicates(small):
   with pytest.raises(ev.EvalError, match="none of its slides is in the labels file"):
     ev.run([d / "reps.npz"], d / "labels.csv", d / "splits", progress=False)
   _write_split(d / "splits" / "split_0.csv", ids[:8], ids[7:])
-  with pytest.raises(ev.EvalError, match=r"split_0\.csv line 9: slide 'slide_07' \(train\) "
-                     r"already listed on line 2 \(test\)"):
+  with pytest.raises(
+    ev.EvalError,
+    match=r"split_0\.csv line 9: slide 'slide_07' \(train\) "
+    r"already listed on line 2 \(test\)",
+  ):
     ev.run([d / "reps.npz"], d / "labels.csv", d / "splits", progress=False)
 
 
@@ -247,9 +266,18 @@ def test_bad_labels_files(tmp_path):
 def test_cli_reports_errors_without_traceback(small):
   d, ids, labels = small
   _write_labels(d / "labels.csv", ids + ["ghost"], labels + ["pos"])
-  p = subprocess.run([sys.executable, "-m", "gigassl_jax.evaluate", f"--reps={d / 'reps.npz'}",
-                      f"--labels={d / 'labels.csv'}"], capture_output=True, text=True,
-                     timeout=120)
+  p = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "gigassl_jax.evaluate",
+      f"--reps={d / 'reps.npz'}",
+      f"--labels={d / 'labels.csv'}",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert p.returncode == 2
   assert "evaluate: error:" in p.stderr and "line 14" in p.stderr
   assert "Traceback" not in p.stderr
@@ -263,8 +291,16 @@ def test_kfold_run_writes_tables_and_loss_plot(small):
   with open(run / "metrics.jsonl", "w") as f:
     for s in range(1, 11):
       f.write(json.dumps({"step": s, "loss": 5.0 / s, "lr": 0.01 * s}) + "\n")
-  res = ev.run([d / "reps.npz", d / "noise.npz"], d / "labels.csv", None, d / "out", folds=3,
-               repeats=2, workdir=run, progress=False)
+  res = ev.run(
+    [d / "reps.npz", d / "noise.npz"],
+    d / "labels.csv",
+    None,
+    d / "out",
+    folds=3,
+    repeats=2,
+    workdir=run,
+    progress=False,
+  )
   rows = _table(d / "out" / "results.csv")
   assert [r["method"] for r in rows] == ["m", "noise"]
   assert all(int(r["n_splits"]) == 6 for r in rows)

@@ -23,8 +23,11 @@ from gigassl_jax.sparse import maps, tables
 IMPLS = ["reference", "gather", "pairs", "pallas_gpu", "pallas_tpu"]
 PALLAS = {"pallas_gpu", "pallas_tpu"}
 # Small blocks keep interpret mode fast (the grid is a loop there).
-OPTIONS = {"pallas_gpu": {"block_m": 16, "block_n": 16, "block_k": 16},
-           "pallas_tpu": {"block_m": 16}, "pairs": {"tile": 8}}
+OPTIONS = {
+  "pallas_gpu": {"block_m": 16, "block_n": 16, "block_k": 16},
+  "pallas_tpu": {"block_m": 16},
+  "pairs": {"tile": 8},
+}
 
 
 def _pattern(name, rng):
@@ -51,7 +54,7 @@ def _inputs(pattern, kind, c_in, c_out, dtype, seed):
   g, valid = _pattern(pattern, rng)
   feats = rng.standard_normal(g.shape[:2] + (c_in,)).astype(np.float32)
   smap = maps.from_grid(g, feats, valid)
-  rb = (tables.submanifold_rulebook(smap) if kind == "subm" else tables.strided_rulebook(smap))
+  rb = tables.submanifold_rulebook(smap) if kind == "subm" else tables.strided_rulebook(smap)
   w = rng.standard_normal((9, c_in, c_out)).astype(np.float32) / np.sqrt(9 * c_in)
   ct = rng.standard_normal(rb.out_mask.shape + (c_out,)).astype(np.float32)
   ct = ct * np.asarray(rb.out_mask)[..., None]
@@ -92,8 +95,14 @@ def _run(impl, x, w, ct, rb, dtype):
   return go(jnp.asarray(xin, dtype), jnp.asarray(w, dtype), jnp.asarray(ct))
 
 
-CASES = [("isolated", "subm"), ("isolated", "strided"), ("duplicates", "strided"),
-         ("dense", "subm"), ("dense", "strided"), ("mixed", "subm")]
+CASES = [
+  ("isolated", "subm"),
+  ("isolated", "strided"),
+  ("duplicates", "strided"),
+  ("dense", "subm"),
+  ("dense", "strided"),
+  ("mixed", "subm"),
+]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -103,8 +112,11 @@ def test_matches_dense_oracle(impl, dtype):
   dtype = jnp.dtype(dtype)
   tol = 2e-5 if dtype == jnp.float32 else 2e-2
   if impl in PALLAS or dtype != jnp.float32:  # interpret mode is slow: fewer cases
-    cases = ([("isolated", "subm"), ("mixed", "strided")] if dtype == jnp.float32 else
-             [("mixed", "subm"), ("isolated", "strided")])
+    cases = (
+      [("isolated", "subm"), ("mixed", "strided")]
+      if dtype == jnp.float32
+      else [("mixed", "subm"), ("isolated", "strided")]
+    )
   else:
     cases = CASES
   for i, (pattern, kind) in enumerate(cases):
@@ -132,10 +144,14 @@ def test_interpret_mode_poisons_unwritten_outputs():
       o_ref[...] = x_ref[...]
 
   x = jnp.ones((16, 8), jnp.float32)
-  out = pl.pallas_call(kernel, grid=(2,), in_specs=[pl.BlockSpec((8, 8), lambda i: (i, 0))],
-                       out_specs=pl.BlockSpec((8, 8), lambda i: (i, 0)),
-                       out_shape=jax.ShapeDtypeStruct((16, 8), jnp.float32),
-                       interpret=True)(x)
+  out = pl.pallas_call(
+    kernel,
+    grid=(2,),
+    in_specs=[pl.BlockSpec((8, 8), lambda i: (i, 0))],
+    out_specs=pl.BlockSpec((8, 8), lambda i: (i, 0)),
+    out_shape=jax.ShapeDtypeStruct((16, 8), jnp.float32),
+    interpret=True,
+  )(x)
   assert np.all(np.asarray(out[:8]) == 1) and np.isnan(np.asarray(out[8:])).all()
 
 
@@ -159,9 +175,9 @@ def test_pairs_runs_only_real_pairs():
   assert int(n_used) == int(np.sum(-(-count // 4)))
   assert int(n_used) < src.shape[0]
   # Every real pair sits in exactly one slot of a tile of its own tap.
-  used_src = np.asarray(src[:int(n_used)])
-  used_dst = np.asarray(dst[:int(n_used)])
-  taps = np.repeat(np.asarray(tap[:int(n_used)]), 4)
+  used_src = np.asarray(src[: int(n_used)])
+  used_dst = np.asarray(dst[: int(n_used)])
+  taps = np.repeat(np.asarray(tap[: int(n_used)]), 4)
   real = used_dst.reshape(-1) < nbr.shape[0]
   got = sorted(zip(used_dst.reshape(-1)[real], taps[real], used_src.reshape(-1)[real]))
   want = sorted((o, k, int(nbr[o, k])) for o, k in zip(*np.nonzero(np.asarray(nbr) >= 0)))
@@ -195,7 +211,8 @@ def _target(platform):
     return contextlib.nullcontext()
   dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=None, platform="cuda")
   return jax.sharding.use_abstract_mesh(
-      jax.sharding.AbstractMesh((1,), ("x",), abstract_device=dev))
+    jax.sharding.AbstractMesh((1,), ("x",), abstract_device=dev)
+  )
 
 
 @pytest.mark.parametrize("platform,impl", [("cuda", "pallas_gpu"), ("tpu", "pallas_tpu")])
@@ -277,8 +294,11 @@ def test_matches_spconv(kind):
   dw_theirs = conv.weight.grad.numpy().transpose(1, 2, 3, 0).reshape(9, 8, 12)
 
   out, dx, dw = _run("pairs", x, w, ct, rb, jnp.float32)
-  for ours, ref, what in ((out, theirs, "forward"), (dx, dx_theirs, "d/dx"),
-                          (dw, dw_theirs, "d/dw")):
+  for ours, ref, what in (
+    (out, theirs, "forward"),
+    (dx, dx_theirs, "d/dx"),
+    (dw, dw_theirs, "d/dw"),
+  ):
     _close(ours, ref, 1e-4, f"pairs vs spconv {kind} {what} seed={seed}")
   ref_out, _, _ = _oracle(x, w, ct, rb)
   _close(ref_out, theirs, 1e-4, f"dense oracle vs spconv {kind}")
@@ -297,7 +317,8 @@ def test_window_sum_matches_oracle(kind, method):
   out, vjp = jax.vjp(lambda a: pairs.window_sum(a, rb, method=method), jnp.asarray(xin))
   _close(out, ref, 1e-5, f"window_sum {method} {kind} seed={seed}")
   (dx,) = vjp(jnp.asarray(ct * np.asarray(rb.out_mask)[..., None]))
-  _close(np.where(np.asarray(rb.in_mask)[..., None], dx, 0), ref_dx, 1e-5,
-         f"window_sum {method} d/dx")
+  _close(
+    np.where(np.asarray(rb.in_mask)[..., None], dx, 0), ref_dx, 1e-5, f"window_sum {method} d/dx"
+  )
   with pytest.raises(ValueError, match="valid: "):
     pairs.window_sum(jnp.asarray(x), rb, method="nope")

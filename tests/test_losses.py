@@ -31,8 +31,9 @@ def ntxent_numpy(z1, z2, tau):
 
 
 def _mesh(n):
-  return jax.sharding.Mesh(np.array(jax.devices()[:n]), ("data",),
-                           axis_types=(jax.sharding.AxisType.Auto,))
+  return jax.sharding.Mesh(
+    np.array(jax.devices()[:n]), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
+  )
 
 
 @pytest.mark.parametrize("tau", [0.05, 0.5])
@@ -56,7 +57,8 @@ def test_ntxent_symmetric_in_views():
 def test_ntxent_golden():
   g = np.load(GOLDEN)
   val, (g1, g2) = jax.value_and_grad(losses.nt_xent, argnums=(0, 1))(
-      g["z1"], g["z2"], float(g["temperature"]))
+    g["z1"], g["z2"], float(g["temperature"])
+  )
   np.testing.assert_allclose(float(val), float(g["loss_float64"]), rtol=1e-5)
   scale = max(np.abs(g["grad_z1"]).max(), np.abs(g["grad_z2"]).max())
   np.testing.assert_allclose(g1, g["grad_z1"], atol=1e-4 * scale)
@@ -71,8 +73,10 @@ def test_ntxent_rejects_mismatched_shapes():
 def _sharded_loss(z1, z2, n_dev, axis_name):
   def body(a, b):
     return jax.lax.pmean(losses.nt_xent(a, b, 0.1, axis_name=axis_name), "data")
-  f = jax.shard_map(body, mesh=_mesh(n_dev), in_specs=(P("data"), P("data")), out_specs=P(),
-                    check_vma=False)
+
+  f = jax.shard_map(
+    body, mesh=_mesh(n_dev), in_specs=(P("data"), P("data")), out_specs=P(), check_vma=False
+  )
   return jax.jit(f)(z1, z2)
 
 
@@ -90,23 +94,24 @@ def test_global_negatives_gradient_over_devices():
   def sharded(a, b):
     def body(a, b):
       return jax.lax.pmean(losses.nt_xent(a, b, 0.1, axis_name="data"), "data")
-    return jax.shard_map(body, mesh=_mesh(8), in_specs=(P("data"), P("data")),
-                         out_specs=P(), check_vma=False)(a, b)
+
+    return jax.shard_map(
+      body, mesh=_mesh(8), in_specs=(P("data"), P("data")), out_specs=P(), check_vma=False
+    )(a, b)
 
   # The all_gather's transpose must route every negative's gradient back to
   # the device that holds that row.
   g_dev = jax.jit(jax.grad(sharded, argnums=(0, 1)))(z1, z2)
   g_ref = jax.grad(lambda a, b: losses.nt_xent(a, b, 0.1), argnums=(0, 1))(z1, z2)
   for a, b in zip(g_dev, g_ref):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b),
-                               atol=1e-5 * float(np.abs(b).max()))
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * float(np.abs(b).max()))
 
 
 def test_local_negatives_equal_mean_of_per_device_losses():
   rng = np.random.default_rng()
   z1, z2 = rng.normal(size=(2, 16, 32)).astype(np.float32)
   got = float(_sharded_loss(z1, z2, 4, None))
-  per_dev = [ntxent_numpy(z1[i:i + 4], z2[i:i + 4], 0.1) for i in range(0, 16, 4)]
+  per_dev = [ntxent_numpy(z1[i : i + 4], z2[i : i + 4], 0.1) for i in range(0, 16, 4)]
   np.testing.assert_allclose(got, np.mean(per_dev), rtol=2e-5)
   # and it differs from the global-negatives loss (more negatives, higher loss)
   assert got < ntxent_numpy(z1, z2, 0.1)

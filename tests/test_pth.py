@@ -28,25 +28,38 @@ def test_round_trip_matches_torch(tmp_path, zip_format):
   base = torch.randn(7, 9, generator=g)
   half = torch.randn(4, 5, 6, generator=g).half()
   obj = {
-      "f32": base,
-      "transposed": base.t(),  # non-contiguous, shares base's storage
-      "window": base[2:, 1:7:2],  # storage offset + strides
-      "row": base[3],  # 1-d view with offset
-      "f16_perm": half.permute(2, 0, 1),
-      "i64": torch.randint(-(2**40), 2**40, (11,), generator=g),
-      "bf16": torch.randn(3, 4, generator=g).bfloat16(),
-      "u8": torch.randint(0, 255, (2, 3), generator=g, dtype=torch.uint8),
-      "bool": torch.rand(5, generator=g) > 0.5,
-      "scalar": torch.tensor(42),
-      "param": torch.nn.Parameter(torch.randn(3, 2, generator=g)),
-      "empty": torch.zeros(0, 3),
-      "nested": {"list": [torch.randn(2, generator=g), 7, "text"], "tuple": (1.5, torch.arange(4))},
+    "f32": base,
+    "transposed": base.t(),  # non-contiguous, shares base's storage
+    "window": base[2:, 1:7:2],  # storage offset + strides
+    "row": base[3],  # 1-d view with offset
+    "f16_perm": half.permute(2, 0, 1),
+    "i64": torch.randint(-(2**40), 2**40, (11,), generator=g),
+    "bf16": torch.randn(3, 4, generator=g).bfloat16(),
+    "u8": torch.randint(0, 255, (2, 3), generator=g, dtype=torch.uint8),
+    "bool": torch.rand(5, generator=g) > 0.5,
+    "scalar": torch.tensor(42),
+    "param": torch.nn.Parameter(torch.randn(3, 2, generator=g)),
+    "empty": torch.zeros(0, 3),
+    "nested": {"list": [torch.randn(2, generator=g), 7, "text"], "tuple": (1.5, torch.arange(4))},
   }
   path = tmp_path / "ckpt.pth"
   torch.save(obj, path, _use_new_zipfile_serialization=zip_format)
   assert zipfile.is_zipfile(path) == zip_format
   got = pth.load(path)
-  for key in ("f32", "transposed", "window", "row", "f16_perm", "i64", "bf16", "u8", "bool", "scalar", "param", "empty"):
+  for key in (
+    "f32",
+    "transposed",
+    "window",
+    "row",
+    "f16_perm",
+    "i64",
+    "bf16",
+    "u8",
+    "bool",
+    "scalar",
+    "param",
+    "empty",
+  ):
     want = _to_numpy(obj[key])
     assert got[key].dtype == want.dtype, key
     assert got[key].shape == want.shape, key
@@ -78,7 +91,12 @@ def test_bundled_legacy_file_matches_torch():
 def test_load_state_dict_unwraps_training_checkpoint(tmp_path):
   torch = pytest.importorskip("torch")
   sd = {"module.encoder_q.conv1.weight": torch.randn(4, 3, 3, 3), "module.queue": torch.randn(8, 2)}
-  ckpt = {"epoch": 3, "arch": "resnet18", "state_dict": sd, "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]}}
+  ckpt = {
+    "epoch": 3,
+    "arch": "resnet18",
+    "state_dict": sd,
+    "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]},
+  }
   torch.save(ckpt, tmp_path / "moco.pth.tar")
   got = pth.load_state_dict(tmp_path / "moco.pth.tar")
   assert sorted(got) == sorted(sd)

@@ -62,10 +62,17 @@ def test_jit_serves_views_with_any_number_of_valid_sites(rng):
   assert f._cache_size() == 1
 
 
-@pytest.mark.parametrize("bad,match", [
-    ("nan", "non-finite"), ("range", "representable"), ("int64", "int32 range"),
+@pytest.mark.parametrize(
+  "bad,match",
+  [
+    ("nan", "non-finite"),
+    ("range", "representable"),
+    ("int64", "int32 range"),
     ("float", "integers"),
-    ("shape", "must be"), ("channels", "input channels")])
+    ("shape", "must be"),
+    ("channels", "input channels"),
+  ],
+)
 def test_bad_input_is_rejected_clearly(rng, bad, match):
   xy = rng.integers(0, 10_000, size=(2, 6, 2))
   ft = rng.standard_normal((2, 6, 4)).astype(np.float32)
@@ -113,8 +120,11 @@ def test_submanifold_table_matches_brute_force(rng):
   sm = H.random_map(rng, 3, 50, 9, invalid_frac=0.1)
   rb = tables.submanifold_rulebook(sm, 3)
   for v in range(3):
-    where = {tuple(c): i for i, (c, m) in enumerate(zip(np.asarray(sm.coords[v]).tolist(),
-                                                        np.asarray(sm.mask[v]))) if m}
+    where = {
+      tuple(c): i
+      for i, (c, m) in enumerate(zip(np.asarray(sm.coords[v]).tolist(), np.asarray(sm.mask[v])))
+      if m
+    }
     for o, (c, m) in enumerate(zip(np.asarray(sm.coords[v]).tolist(), np.asarray(sm.mask[v]))):
       for k in range(9):
         want = where.get((c[0] + k // 3 - 1, c[1] + k % 3 - 1), -1) if m else -1
@@ -145,9 +155,11 @@ def test_spatial_size_must_be_odd():
 # ---------------------------------------------------- layers vs dense oracle ----
 
 
-CASES = [dict(n_views=3, n_tiles=5, extent=20),  # isolated sites (training-like)
-         dict(n_views=2, n_tiles=64, extent=10, dense_patch=True),  # dense patch
-         dict(n_views=4, n_tiles=120, extent=16, invalid_frac=0.3)]  # duplicates + padding
+CASES = [
+  dict(n_views=3, n_tiles=5, extent=20),  # isolated sites (training-like)
+  dict(n_views=2, n_tiles=64, extent=10, dense_patch=True),  # dense patch
+  dict(n_views=4, n_tiles=120, extent=16, invalid_frac=0.3),
+]  # duplicates + padding
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -165,8 +177,9 @@ def test_submanifold_conv_matches_dense_oracle(rng, case, ksize):
       return f @ w[0]
     return conv_api.sparse_conv(f, w, rb)
 
-  np.testing.assert_allclose(np.asarray(conv(sm.feats, rb)), np.asarray(ours(sm.feats, w)),
-                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(conv(sm.feats, rb)), np.asarray(ours(sm.feats, w)), rtol=1e-6, atol=1e-6
+  )
 
   def oracle(f, w):
     return H.oracle_conv(f, w, sm.coords, sm.mask, sm.coords, sm.mask, ext, 1, ksize)
@@ -175,10 +188,12 @@ def test_submanifold_conv_matches_dense_oracle(rng, case, ksize):
   ours, oracle = jax.jit(ours), jax.jit(oracle)
   g1 = jax.jit(jax.grad(lambda f, w: jnp.sum(ours(f, w) * r), (0, 1)))(sm.feats, w)
   g2 = jax.jit(jax.grad(lambda f, w: jnp.sum(oracle(f, w) * r), (0, 1)))(sm.feats, w)
-  np.testing.assert_allclose(np.asarray(ours(sm.feats, w)), np.asarray(oracle(sm.feats, w)),
-                             rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(np.asarray(g1[0]) * np.asarray(sm.mask)[..., None],
-                             np.asarray(g2[0]), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(ours(sm.feats, w)), np.asarray(oracle(sm.feats, w)), rtol=1e-5, atol=1e-5
+  )
+  np.testing.assert_allclose(
+    np.asarray(g1[0]) * np.asarray(sm.mask)[..., None], np.asarray(g2[0]), rtol=1e-5, atol=1e-5
+  )
   np.testing.assert_allclose(np.asarray(g1[1]), np.asarray(g2[1]), rtol=1e-5, atol=1e-4)
 
 
@@ -197,8 +212,9 @@ def test_strided_conv_and_avgpool_match_dense_oracle(rng, case):
     return H.oracle_conv(f, w, sm.coords, sm.mask, rb.out_coords, rb.out_mask, ext, 2, 3)
 
   ours, oracle = jax.jit(ours), jax.jit(oracle)
-  np.testing.assert_allclose(np.asarray(ours(sm.feats, w)), np.asarray(oracle(sm.feats, w)),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(ours(sm.feats, w)), np.asarray(oracle(sm.feats, w)), rtol=1e-5, atol=1e-5
+  )
   g1 = jax.jit(jax.grad(lambda f, w: jnp.sum(ours(f, w) * r), (0, 1)))(sm.feats, w)
   g2 = jax.jit(jax.grad(lambda f, w: jnp.sum(oracle(f, w) * r), (0, 1)))(sm.feats, w)
   for a, b in zip(g1, g2):
@@ -206,8 +222,12 @@ def test_strided_conv_and_avgpool_match_dense_oracle(rng, case):
   # Average pooling = the strided conv with weight identity / 9 on every tap.
   eye = jnp.broadcast_to(jnp.eye(4) / 9.0, (9, 4, 4))
   r4 = r[..., :4]
-  np.testing.assert_allclose(np.asarray(layers.avg_pool(sm.feats, rb)),
-                             np.asarray(oracle(sm.feats, eye)), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(layers.avg_pool(sm.feats, rb)),
+    np.asarray(oracle(sm.feats, eye)),
+    rtol=1e-5,
+    atol=1e-6,
+  )
   ga = jax.jit(jax.grad(lambda f: jnp.sum(layers.avg_pool(f, rb) * r4)))(sm.feats)
   gb = jax.jit(jax.grad(lambda f: jnp.sum(oracle(f, eye) * r4)))(sm.feats)
   np.testing.assert_allclose(np.asarray(ga), np.asarray(gb), rtol=1e-5, atol=1e-6)
@@ -227,11 +247,11 @@ def test_pooling_net_dense_and_gather_agree_with_gradients(rng):
   lb, (gnb, gfb) = vg(net_b, sm.feats)
   # The loss sums 96 terms of either sign: float32 reordering errors scale with
   # sum |r| (outputs are O(1) after BN/ReLU), not with the (possibly small) sum.
-  np.testing.assert_allclose(float(la), float(lb), rtol=1e-5,
-                             atol=1e-6 * float(jnp.abs(r).sum()))
+  np.testing.assert_allclose(float(la), float(lb), rtol=1e-5, atol=1e-6 * float(jnp.abs(r).sum()))
   np.testing.assert_allclose(np.asarray(gfa), np.asarray(gfb), rtol=1e-4, atol=1e-5)
-  for a, b in zip(jax.tree.leaves(nnx.state(gna, nnx.Param)),
-                  jax.tree.leaves(nnx.state(gnb, nnx.Param))):
+  for a, b in zip(
+    jax.tree.leaves(nnx.state(gna, nnx.Param)), jax.tree.leaves(nnx.state(gnb, nnx.Param))
+  ):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
@@ -253,8 +273,9 @@ def test_batch_norm_over_active_sites_matches_numpy(rng):
   np.testing.assert_allclose(np.asarray(m), 0.9 * rm + 0.1 * mu, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(np.asarray(v), 0.9 * rv + 0.1 * act.var(0, ddof=1), rtol=1e-5)
   ye, me, ve = layers.batch_norm(jnp.asarray(x), jnp.asarray(mask), sc, b, rm, rv, train=False)
-  np.testing.assert_allclose(np.asarray(ye)[mask], ((x - rm) / np.sqrt(rv + 1e-5) * sc + b)[mask],
-                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+    np.asarray(ye)[mask], ((x - rm) / np.sqrt(rv + 1e-5) * sc + b)[mask], rtol=1e-4, atol=1e-4
+  )
   np.testing.assert_array_equal(np.asarray(me), rm)
 
 
@@ -263,6 +284,7 @@ def test_batch_norm_backward_matches_autodiff_synced_and_local(rng):
   # cotangents on y and on both statistics, locally and synced over 8 devices
   # (shard_map with check_vma=False, as the training step).
   from jax.sharding import Mesh, PartitionSpec as P
+
   n = jax.device_count()
   mesh = Mesh(np.array(jax.devices()), ("data",))
   x = jnp.asarray(rng.standard_normal((n * 2, 7, 5)) * 2 + 1, jnp.float32)
@@ -282,12 +304,19 @@ def test_batch_norm_backward_matches_autodiff_synced_and_local(rng):
       def loss(x, sc, b):
         y, mu, var = bn(x, m, sc, b, axis_name)
         return jnp.sum(y * r) + jnp.sum(mu * jnp.arange(5.0)) + jnp.sum(var)
+
       gx, gs, gb = jax.grad(loss, (0, 1, 2))(x, sc, b)
       return gx, gs[None], gb[None]
+
     if axis_name is None:
       return local(x, mask, r, sc, b)
-    f = jax.shard_map(local, mesh=mesh, in_specs=(P("data"),) * 3 + (P(), P()),
-                      out_specs=(P("data"),) * 3, check_vma=False)
+    f = jax.shard_map(
+      local,
+      mesh=mesh,
+      in_specs=(P("data"),) * 3 + (P(), P()),
+      out_specs=(P("data"),) * 3,
+      check_vma=False,
+    )
     return jax.jit(f)(x, mask, r, sc, b)
 
   for axis_name in (None, "data"):
@@ -297,6 +326,7 @@ def test_batch_norm_backward_matches_autodiff_synced_and_local(rng):
 
 def test_synced_batch_norm_over_devices_equals_global(rng):
   from jax.sharding import AxisType, Mesh, PartitionSpec as P
+
   n = jax.device_count()
   assert n == 8
   mesh = Mesh(np.array(jax.devices()), ("data",), axis_types=(AxisType.Auto,))
@@ -308,8 +338,9 @@ def test_synced_batch_norm_over_devices_equals_global(rng):
     y, mu, var = layers.batch_norm(x, m, ones, zeros, zeros, ones, train=True, axis_name="data")
     return y, mu[None], var[None]
 
-  f = jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P("data")),
-                    out_specs=(P("data"), P("data"), P("data")))
+  f = jax.shard_map(
+    local, mesh=mesh, in_specs=(P("data"), P("data")), out_specs=(P("data"), P("data"), P("data"))
+  )
   y, mu, var = f(x, mask)
   y0, mu0, var0 = layers.batch_norm(x, mask, ones, zeros, zeros, ones, train=True)
   np.testing.assert_allclose(np.asarray(y), np.asarray(y0), rtol=1e-5, atol=1e-5)
@@ -337,21 +368,28 @@ def test_coordinate_augmentation_properties(rng):
   np.testing.assert_array_equal(np.asarray(coord_augment.augment_views(key, xy, cfg=off)), xy)
   # Translation alone shifts every tile by the same vector: the grid relative to
   # the minimum is unchanged.
-  tr = coord_augment.augment_views(key, xy, cfg=coord_augment.CoordAugment(True, False, False,
-                                                                           False))
+  tr = coord_augment.augment_views(
+    key, xy, cfg=coord_augment.CoordAugment(True, False, False, False)
+  )
   shift = np.asarray(tr) - xy
   assert (shift == shift[:, :1]).all() and (shift != 0).any()
-  np.testing.assert_array_equal(np.asarray(maps.quantize(tr, jnp.ones((6, 12), bool), 224)),
-                                np.asarray(maps.quantize(xy, jnp.ones((6, 12), bool), 224)))
+  np.testing.assert_array_equal(
+    np.asarray(maps.quantize(tr, jnp.ones((6, 12), bool), 224)),
+    np.asarray(maps.quantize(xy, jnp.ones((6, 12), bool), 224)),
+  )
   # Rotation + flips keep pairwise distances (up to integer truncation).
-  rf = np.asarray(coord_augment.augment_views(
-      key, xy, cfg=coord_augment.CoordAugment(False, True, True, False))).astype(float)
+  rf = np.asarray(
+    coord_augment.augment_views(key, xy, cfg=coord_augment.CoordAugment(False, True, True, False))
+  ).astype(float)
   d0 = np.linalg.norm(xy[:, :, None] - xy[:, None], axis=-1)
   d1 = np.linalg.norm(rf[:, :, None] - rf[:, None], axis=-1)
   np.testing.assert_allclose(d1, d0, atol=3.0)
   # Per-axis scale alone stays in its range.
-  sc = np.asarray(coord_augment.augment_views(
-      key, xy, cfg=coord_augment.CoordAugment(False, False, False, True, (0.5, 2.0))))
+  sc = np.asarray(
+    coord_augment.augment_views(
+      key, xy, cfg=coord_augment.CoordAugment(False, False, False, True, (0.5, 2.0))
+    )
+  )
   ratio = (sc.max(1) - sc.min(1)) / (xy.max(1) - xy.min(1))
   assert ((ratio > 0.5 - 1e-2) & (ratio < 2.0 + 1e-2)).all()
   # Seeded: same key, same result; different views get different transforms.

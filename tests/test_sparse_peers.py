@@ -22,6 +22,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 @pytest.fixture(autouse=True)
 def _spconv_cpu():
   import spconv.pytorch.ops as ops
+
   old, threads = getattr(ops, "get_current_stream", None), torch.get_num_threads()
   ops.get_current_stream = lambda: 0
   torch.set_num_threads(1)
@@ -50,9 +51,14 @@ def _run_spconv(layer, sm, extent, r_rows):
 
 
 @pytest.mark.parametrize("strided", [False, True])
-@pytest.mark.parametrize("case", [dict(n_views=3, n_tiles=6, extent=25),
-                                  dict(n_views=2, n_tiles=81, extent=11, dense_patch=True),
-                                  dict(n_views=3, n_tiles=100, extent=15)])
+@pytest.mark.parametrize(
+  "case",
+  [
+    dict(n_views=3, n_tiles=6, extent=25),
+    dict(n_views=2, n_tiles=81, extent=11, dense_patch=True),
+    dict(n_views=3, n_tiles=100, extent=15),
+  ],
+)
 def test_conv_matches_spconv(case, strided):
   rng = np.random.default_rng()
   cin, cout = 5, 7
@@ -84,5 +90,6 @@ def test_conv_matches_spconv(case, strided):
   gf, gw = jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w) * r), (0, 1)))(sm.feats, jnp.asarray(w))
   v, s, _ = _flat(sm)
   np.testing.assert_allclose(np.asarray(gf)[v, s], ref_gf, rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(np.asarray(gw).reshape(3, 3, cin, cout).transpose(3, 0, 1, 2),
-                             ref_gw, rtol=1e-4, atol=1e-3)
+  np.testing.assert_allclose(
+    np.asarray(gw).reshape(3, 3, cin, cout).transpose(3, 0, 1, 2), ref_gw, rtol=1e-4, atol=1e-3
+  )

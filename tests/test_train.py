@@ -33,9 +33,17 @@ def bank_dir(tmp_path_factory):
 
 
 def _cfg(bank, workdir, **kw):
-  base = {"workdir": str(workdir), "data_bank": str(bank), "train_batch_size": BATCH,
-              "train_steps": STEPS, "train_ckpt_every": CKPT, "train_log_every": 1,
-              "train_progress": False, "optim_warmup_epochs": 1.0, "optim_base_lr": 0.3}
+  base = {
+    "workdir": str(workdir),
+    "data_bank": str(bank),
+    "train_batch_size": BATCH,
+    "train_steps": STEPS,
+    "train_ckpt_every": CKPT,
+    "train_log_every": 1,
+    "train_progress": False,
+    "optim_warmup_epochs": 1.0,
+    "optim_base_lr": 0.3,
+  }
   base.update(kw)
   return config_lib.Config(**base)
 
@@ -48,11 +56,21 @@ def _env(devices):
 
 
 def _cli(bank, workdir, *extra):
-  return [sys.executable, "-m", "gigassl_jax.train",
-          f"--flagfile={REPO / 'experiments/smoke.flags'}", f"--data_bank={bank}",
-          f"--workdir={workdir}", f"--train_batch_size={BATCH}", f"--train_steps={STEPS}",
-          f"--train_ckpt_every={CKPT}", "--train_log_every=1", "--optim_warmup_epochs=1",
-          "--optim_base_lr=0.3", *extra]
+  return [
+    sys.executable,
+    "-m",
+    "gigassl_jax.train",
+    f"--flagfile={REPO / 'experiments/smoke.flags'}",
+    f"--data_bank={bank}",
+    f"--workdir={workdir}",
+    f"--train_batch_size={BATCH}",
+    f"--train_steps={STEPS}",
+    f"--train_ckpt_every={CKPT}",
+    "--train_log_every=1",
+    "--optim_warmup_epochs=1",
+    "--optim_base_lr=0.3",
+    *extra,
+  ]
 
 
 def _losses(workdir):
@@ -102,8 +120,12 @@ def test_sampler_is_a_function_of_step_and_process_shares_concatenate(bank_dir):
   r = bank_lib.open_bank(bank_dir)
   whole = data_lib.ViewSampler(r, batch_size=8, tiles=5, seed=7).local_batch(3)
   again = data_lib.ViewSampler(r, batch_size=8, tiles=5, seed=7).local_batch(3)
-  parts = [data_lib.ViewSampler(r, batch_size=8, tiles=5, seed=7, process_index=p,
-                                process_count=2).local_batch(3) for p in range(2)]
+  parts = [
+    data_lib.ViewSampler(
+      r, batch_size=8, tiles=5, seed=7, process_index=p, process_count=2
+    ).local_batch(3)
+    for p in range(2)
+  ]
   for k in whole:
     np.testing.assert_array_equal(whole[k], again[k])
     np.testing.assert_array_equal(whole[k], np.concatenate([p[k] for p in parts]))
@@ -164,10 +186,16 @@ def test_make_views_augments_per_position_not_per_device():
   np.testing.assert_array_equal(full.coords[3:], half.coords)
   np.testing.assert_allclose(full.feats[3:], half.feats)
   # augmentation on: grids differ from the plain quantisation for some view
-  plain = make_views(key, xy, feats, jnp.arange(6),
-                              train.coord_config(config_lib.Config(
-                                  data_translate=False, data_rotate=False, data_flip=False,
-                                  data_scale=False)), 224)
+  plain = make_views(
+    key,
+    xy,
+    feats,
+    jnp.arange(6),
+    train.coord_config(
+      config_lib.Config(data_translate=False, data_rotate=False, data_flip=False, data_scale=False)
+    ),
+    224,
+  )
   assert not np.array_equal(plain.coords, full.coords)
   # augmentation off: exactly quantised positions (pitch 896 = 4 cells)
   np.testing.assert_array_equal(plain.coords[plain.mask] % 4, 0)
@@ -177,10 +205,13 @@ def test_make_views_augments_per_position_not_per_device():
 
 
 def _batch(rng, b, t, f):
-  return {"feats": rng.normal(size=(b, 2, t, f)).astype(np.float16),
-          "xy": (rng.integers(0, 12, size=(b, 2, t, 2)) * 896
-                 + rng.integers(0, 896, size=(b, 2, t, 2))).astype(np.int32),
-          "position": np.arange(b, dtype=np.int32)}
+  return {
+    "feats": rng.normal(size=(b, 2, t, f)).astype(np.float16),
+    "xy": (
+      rng.integers(0, 12, size=(b, 2, t, 2)) * 896 + rng.integers(0, 896, size=(b, 2, t, 2))
+    ).astype(np.int32),
+    "position": np.arange(b, dtype=np.int32),
+  }
 
 
 def test_eight_device_step_equals_one_device_step():
@@ -193,9 +224,16 @@ def test_eight_device_step_equals_one_device_step():
   for n in (1, 8):
     mesh = train.make_mesh(jax.devices()[:n])
     step = train.make_grad_step(graphdef, cfg, mesh)
-    outs.append(jax.device_get(step(train.put_replicated(params, mesh),
-                                    train.put_replicated(stats, mesh), jnp.int32(3),
-                                    train.put_batch(batch, mesh))))
+    outs.append(
+      jax.device_get(
+        step(
+          train.put_replicated(params, mesh),
+          train.put_replicated(stats, mesh),
+          jnp.int32(3),
+          train.put_batch(batch, mesh),
+        )
+      )
+    )
   (l1, g1, s1, c1), (l8, g8, s8, c8) = outs
   np.testing.assert_allclose(l8, l1, rtol=1e-5)
   np.testing.assert_allclose(c8, c1, rtol=1e-5)
@@ -231,8 +269,11 @@ def test_run_writes_metrics_checkpoints_and_restores(reference_run):
   assert cfg2 == cfg
   rng = np.random.default_rng()
   from gigassl_jax.sparse import maps
-  sm = maps.build_views((rng.integers(0, 9, size=(3, 5, 2)) * 224).astype(np.int32),
-                        rng.normal(size=(3, 5, SHAPE[3])).astype(np.float32))
+
+  sm = maps.build_views(
+    (rng.integers(0, 9, size=(3, 5, 2)) * 224).astype(np.int32),
+    rng.normal(size=(3, 5, SHAPE[3])).astype(np.float32),
+  )
   rep, _ = model(sm)
   assert rep.shape == (3, 512) and np.isfinite(np.asarray(rep)).all()
   # eval mode: running statistics, so a view's representation is batch-independent
@@ -255,10 +296,12 @@ def test_killed_run_resumes_to_the_same_parameters(bank_dir, reference_run, tmp_
   cmd = _cli(bank_dir, tmp_path / "run")
   # The resumed run loads the killed run's compiled step from this cache (the
   # same executable, so bit-for-bit results are unaffected; saves a compile).
-  env = dict(_env(8), JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE)
+  env = dict(
+    _env(8),
+    JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+  )
+  proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   ckpt = tmp_path / "run" / train.CKPT_DIR
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:
@@ -269,7 +312,9 @@ def test_killed_run_resumes_to_the_same_parameters(bank_dir, reference_run, tmp_
   proc.wait()
   done = sorted(int(p.name) for p in ckpt.glob("[0-9]*") if p.name.isdigit())
   assert done and done[-1] < STEPS, f"the run was not killed mid-way (checkpoints {done})"
-  res = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+  res = subprocess.run(
+    cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300, check=False
+  )
   assert res.returncode == 0, res.stderr[-3000:]
   assert "resumed from the checkpoint of step" in res.stderr
   ref_losses, got_losses = _losses(ref_wd), _losses(tmp_path / "run")
@@ -282,14 +327,37 @@ def test_killed_run_resumes_to_the_same_parameters(bank_dir, reference_run, tmp_
 
 def test_cli_rejects_bad_flags(tmp_path):
   res = subprocess.run(
-      [sys.executable, "-m", "gigassl_jax.train", f"--workdir={tmp_path}",
-       "--data_bank=synthetic", "--loss_temperature=0"],
-      env=_env(1), cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    [
+      sys.executable,
+      "-m",
+      "gigassl_jax.train",
+      f"--workdir={tmp_path}",
+      "--data_bank=synthetic",
+      "--loss_temperature=0",
+    ],
+    env=_env(1),
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
   assert res.returncode != 0 and "--loss_temperature must be > 0" in res.stderr
   res = subprocess.run(
-      [sys.executable, "-m", "gigassl_jax.train", f"--workdir={tmp_path}",
-       f"--data_bank={tmp_path / 'nope'}"],
-      env=_env(1), cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    [
+      sys.executable,
+      "-m",
+      "gigassl_jax.train",
+      f"--workdir={tmp_path}",
+      f"--data_bank={tmp_path / 'nope'}",
+    ],
+    env=_env(1),
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
   assert res.returncode != 0 and "nope does not exist" in res.stderr
 
 
@@ -312,14 +380,27 @@ def test_every_flagfile_parses_and_each_kernel_has_an_ablation_arm():
   from gigassl_jax.kernels.sparse_conv import api
 
   from gigassl_jax.sparse import tables
+
   files = sorted(str(p.relative_to(REPO)) for p in (REPO / "experiments").glob("*.flags"))
-  res = subprocess.run([sys.executable, "-c", _PARSE, *files], env=_env(1), cwd=REPO,
-                       capture_output=True, text=True, timeout=120, check=False)
+  res = subprocess.run(
+    [sys.executable, "-c", _PARSE, *files],
+    env=_env(1),
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
   assert res.returncode == 0, res.stderr[-3000:]
   cfgs = json.loads(res.stdout)
   base = cfgs["experiments/base.flags"]
-  assert (base["train_batch_size"], base["data_tiles"], base["loss_temperature"],
-          base["optim_base_lr"], base["optim_warmup_epochs"]) == (256, 5, 0.05, 0.03, 10.0)
+  assert (
+    base["train_batch_size"],
+    base["data_tiles"],
+    base["loss_temperature"],
+    base["optim_base_lr"],
+    base["optim_warmup_epochs"],
+  ) == (256, 5, 0.05, 0.03, 10.0)
   for impl in set(api.IMPLEMENTATIONS) - {"dense", "reference"}:
     cfg = cfgs[f"experiments/ablation_{impl}.flags"]
     assert cfg["model_conv_impl"] == impl and cfg["train_batch_size"] == 256
@@ -337,20 +418,24 @@ def test_model_init_from_a_torchvision_pth(tmp_path):
       cin = 256 if (blk == "0" and c != "conv2") else 512
       k = 1 if c == "downsample.0" else 3
       sd[f"layer4.{blk}.{c}.weight"] = torch.from_numpy(
-          rng.normal(size=(512, cin, k, k)).astype(np.float32))
-    for bn in (("bn1", "bn2", "downsample.1") if blk == "0" else ("bn1", "bn2")):
+        rng.normal(size=(512, cin, k, k)).astype(np.float32)
+      )
+    for bn in ("bn1", "bn2", "downsample.1") if blk == "0" else ("bn1", "bn2"):
       for name in ("weight", "bias", "running_mean"):
         sd[f"layer4.{blk}.{bn}.{name}"] = torch.from_numpy(rng.normal(size=512).astype(np.float32))
       sd[f"layer4.{blk}.{bn}.running_var"] = torch.from_numpy(
-          rng.uniform(0.5, 2, size=512).astype(np.float32))
+        rng.uniform(0.5, 2, size=512).astype(np.float32)
+      )
   path = tmp_path / "resnet18.pth"
   torch.save({"state_dict": {"module.encoder_q." + k: v for k, v in sd.items()}}, path)
-  cfg = config_lib.Config(workdir="x", data_bank="x", model_init="torchvision",
-                          model_weights=str(path))
+  cfg = config_lib.Config(
+    workdir="x", data_bank="x", model_init="torchvision", model_weights=str(path)
+  )
   model = train.build_model(cfg, 256)
   w = sd["layer4.1.conv2.weight"].numpy()  # [out, in, kh, kw]; natural: tap 3*kw + kh
   np.testing.assert_array_equal(model.pool.b1_conv2.weight[...][3 * 2 + 1], w[:, :, 1, 2].T)
-  np.testing.assert_array_equal(model.pool.b0_normd.var[...],
-                                sd["layer4.0.downsample.1.running_var"].numpy())
+  np.testing.assert_array_equal(
+    model.pool.b0_normd.var[...], sd["layer4.0.downsample.1.running_var"].numpy()
+  )
   with pytest.raises(FileNotFoundError, match="does not exist"):
     train.build_model(cfg.replace(model_weights=str(tmp_path / "none.pth")), 256)

@@ -36,7 +36,7 @@ STEPS, BATCH, DEVICES = 2, 16, 8
 # eps = 10 exceeds every gradient entry seen here (|g| ~ 2e3 over ~8e6 entries),
 # so step 1 is ~ SGD with step lr / eps = 3e-8, which moves the loss by ~0.1.
 BASE_LR, EPS = 5e-6, 10.0
-F32_EPS = 2.0 ** -24  # unit roundoff of float32
+F32_EPS = 2.0**-24  # unit roundoff of float32
 # Step-1 loss, collapse and gradient norm come from the same inputs and
 # parameters; only the order of float32 sums over the devices and the batch
 # (2B = 32 logits per row, <= 8 devices) differs: (n - 1) u with n ~ 64 terms
@@ -76,26 +76,45 @@ def _step2_tolerance(ref):
 @pytest.mark.parametrize("seed", [11])
 def test_two_processes_match_one_process(tmp_path, seed):
   bank = data_lib.make_synthetic_bank(tmp_path / "bank", 16, 3, 12, 32, seed=seed)
-  common = {"train_batch_size": BATCH, "train_steps": STEPS, "train_ckpt_every": 100,
-            "train_log_every": 1, "train_progress": False, "optim_warmup_epochs": 0.0,
-            "optim_base_lr": BASE_LR, "optim_eps": EPS, "train_seed": seed,
-            "model_sync_bn": False}
+  common = {
+    "train_batch_size": BATCH,
+    "train_steps": STEPS,
+    "train_ckpt_every": 100,
+    "train_log_every": 1,
+    "train_progress": False,
+    "optim_warmup_epochs": 0.0,
+    "optim_base_lr": BASE_LR,
+    "optim_eps": EPS,
+    "train_seed": seed,
+    "model_sync_bn": False,
+  }
 
   # 2 processes x 4 devices, started first so they run while the reference does.
   port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
   procs = []
   for pid in range(2):
-    cmd = [sys.executable, "-m", "gigassl_jax.train",
-           f"--flagfile={REPO / 'experiments/smoke.flags'}", f"--data_bank={bank}",
-           f"--workdir={tmp_path / 'multi'}", "--dist_init=explicit",
-           f"--dist_coordinator=127.0.0.1:{port}", "--dist_num_processes=2",
-           f"--dist_process_id={pid}"]
-    cmd += [f"--{k}={v}" if not isinstance(v, bool) else f"--{'' if v else 'no'}{k}"
-            for k, v in common.items()]
-    procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, text=True))
+    cmd = [
+      sys.executable,
+      "-m",
+      "gigassl_jax.train",
+      f"--flagfile={REPO / 'experiments/smoke.flags'}",
+      f"--data_bank={bank}",
+      f"--workdir={tmp_path / 'multi'}",
+      "--dist_init=explicit",
+      f"--dist_coordinator=127.0.0.1:{port}",
+      "--dist_num_processes=2",
+      f"--dist_process_id={pid}",
+    ]
+    cmd += [
+      f"--{k}={v}" if not isinstance(v, bool) else f"--{'' if v else 'no'}{k}"
+      for k, v in common.items()
+    ]
+    procs.append(
+      subprocess.Popen(
+        cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+      )
+    )
 
   # 1 process x 8 devices (this pytest process), same flags.
   ref_wd = tmp_path / "single"

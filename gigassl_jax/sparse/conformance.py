@@ -130,9 +130,13 @@ def regenerate_weights(seed, c_in, c):
   """The golden README's recipe for the layer4 conv weights."""
   rng = np.random.default_rng(int(seed))
   w = {}
-  for name, vol, nin, nout in [("b0_conv1", 9, c_in, c), ("b0_conv2", 9, c, c),
-                               ("b0_convd", 1, c_in, c), ("b1_conv1", 9, c, c),
-                               ("b1_conv2", 9, c, c)]:
+  for name, vol, nin, nout in [
+    ("b0_conv1", 9, c_in, c),
+    ("b0_conv2", 9, c, c),
+    ("b0_convd", 1, c_in, c),
+    ("b1_conv1", 9, c, c),
+    ("b1_conv2", 9, c, c),
+  ]:
     a = math.sqrt(2.0 / (nin * vol)) * math.sqrt(3.0)
     w[name] = ((rng.random((vol, nin, nout)) * 2.0 - 1.0) * a).astype(np.float32)
   return w
@@ -144,6 +148,7 @@ def _layer4_weights(d, cmp):
     return {n: d["w_" + n] for n in CONV_NAMES}
   w = regenerate_weights(d["weight_seed"], c_in, c)
   import hashlib
+
   for n in CONV_NAMES:
     key = f"fp_{n}_sha256"
     if key in d.files:
@@ -205,8 +210,9 @@ def check_conv_like(d, impl, cmp, kind):
 
   out, vjp, (oc, om) = jax.vjp(run, jnp.asarray(f), w, has_aux=True)
   c3, feats = _flat(oc, om, out)
-  cmp.require(f"{kind} output sites differ from the reference's",
-              np.array_equal(c3, d["out_coords"]))
+  cmp.require(
+    f"{kind} output sites differ from the reference's", np.array_equal(c3, d["out_coords"])
+  )
   if not np.array_equal(c3, d["out_coords"]):
     return
   cmp.add("out_features", feats, d["out_features"])
@@ -218,8 +224,10 @@ def check_conv_like(d, impl, cmp, kind):
   if "out_n_active_inputs" in d.files:
     rb = tables.strided_rulebook(maps.from_grid(grid, f, valid), spatial_size=ss)
     n_in = np.sum(np.asarray(rb.nbr) >= 0, axis=-1)
-    cmp.require("active-input counts differ",
-                np.array_equal(_flat(oc, om, n_in[..., None])[1][:, 0], d["out_n_active_inputs"]))
+    cmp.require(
+      "active-input counts differ",
+      np.array_equal(_flat(oc, om, n_in[..., None])[1][:, 0], d["out_n_active_inputs"]),
+    )
 
 
 def check_bn(d, impl, cmp):
@@ -228,9 +236,17 @@ def check_bn(d, impl, cmp):
   mask = jnp.ones(x.shape[:2], bool)
 
   def run(x, scale, bias):
-    return layers.batch_norm(x, mask, scale, bias, jnp.asarray(d["running_mean_in"]),
-                             jnp.asarray(d["running_var_in"]), train=train,
-                             momentum=float(d["momentum"]), eps=float(d["eps"]))
+    return layers.batch_norm(
+      x,
+      mask,
+      scale,
+      bias,
+      jnp.asarray(d["running_mean_in"]),
+      jnp.asarray(d["running_var_in"]),
+      train=train,
+      momentum=float(d["momentum"]),
+      eps=float(d["eps"]),
+    )
 
   (y, m, v), vjp = jax.vjp(run, x, jnp.asarray(d["weight"]), jnp.asarray(d["bias"]))
   cmp.add("y", y[0], d["y"])
@@ -252,34 +268,44 @@ def check_layer4_eval(d, impl, cmp):
     grid = d[f"{p}_grid_coords"].astype(np.int32)
     feats = d[f"{p}_tile_features"].astype(np.float32)
     ss = tuple(int(s) for s in d[f"{p}_spatial_size"])
-    cmp.require(f"{p}: reference spatial size rule disagrees",
-                reference_spatial_size(d[f"{p}_grid_coords_float"]) == ss)
+    cmp.require(
+      f"{p}: reference spatial size rule disagrees",
+      reference_spatial_size(d[f"{p}_grid_coords_float"]) == ss,
+    )
     sm = maps.from_grid(grid, feats)
-    cmp.require(f"{p}: input sites differ",
-                np.array_equal(_flat(sm.coords, sm.mask), d[f"{p}_in_coords"]))
+    cmp.require(
+      f"{p}: input sites differ", np.array_equal(_flat(sm.coords, sm.mask), d[f"{p}_in_coords"])
+    )
     out = sites(net, sm, np.asarray(ss))
-    cmp.require(f"{p}: block-0 output sites differ",
-                np.array_equal(_flat(out.coords, out.mask), d[f"{p}_b0_coords"]))
+    cmp.require(
+      f"{p}: block-0 output sites differ",
+      np.array_equal(_flat(out.coords, out.mask), d[f"{p}_b0_coords"]),
+    )
     cmp.add(f"{p}_pooled", layers.global_mean(out.feats, out.mask), d[f"{p}_pooled"])
     if f"{p}_b1_out" in d.files:
       cmp.add(f"{p}_b1_out", _flat(out.coords, out.mask, out.feats)[1], d[f"{p}_b1_out"])
-      cmp.add(f"{p}_in_features", _flat(sm.coords, sm.mask, sm.feats)[1],
-              d[f"{p}_in_features"])
+      cmp.add(f"{p}_in_features", _flat(sm.coords, sm.mask, sm.feats)[1], d[f"{p}_in_features"])
     if f"{p}_pooled_single" in d.files:
       single = []
       for v in range(grid.shape[0]):
-        s1 = maps.from_grid(grid[v:v + 1], feats[v:v + 1])
+        s1 = maps.from_grid(grid[v : v + 1], feats[v : v + 1])
         o1 = sites(net, s1, np.asarray(reference_spatial_size(grid[v])))
         single.append(layers.global_mean(o1.feats, o1.mask)[0])
       cmp.add(f"{p}_pooled_single", np.stack(single), d[f"{p}_pooled_single"])
   if "coordq_x" in d.files:
     x = d["coordq_x"].astype(np.int32)
     mn = d["coordq_min"].astype(np.int32)
-    ours = np.asarray(maps.quantize(jnp.stack([x, mn], 0)[:, :, None].repeat(2, -1)
-                                    .transpose(1, 0, 2), jnp.ones((len(x), 2), bool),
-                                    int(d["downmap"])))[:, 0, 0]
-    cmp.require("exact integer quantisation disagrees with coordq_exact_floor",
-                np.array_equal(ours, d["coordq_exact_floor"]))
+    ours = np.asarray(
+      maps.quantize(
+        jnp.stack([x, mn], 0)[:, :, None].repeat(2, -1).transpose(1, 0, 2),
+        jnp.ones((len(x), 2), bool),
+        int(d["downmap"]),
+      )
+    )[:, 0, 0]
+    cmp.require(
+      "exact integer quantisation disagrees with coordq_exact_floor",
+      np.array_equal(ours, d["coordq_exact_floor"]),
+    )
 
 
 def check_layer4_train(d, impl, cmp):
@@ -296,7 +322,8 @@ def check_layer4_train(d, impl, cmp):
     return jnp.sum(pooled * d["R"]), (pooled, nnx.state(m, nnx.BatchStat))
 
   (val, (pooled, stats)), (gp, gf) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
-      params, jnp.asarray(d["tile_features"], jnp.float32))
+    params, jnp.asarray(d["tile_features"], jnp.float32)
+  )
   cmp.add("pooled", pooled, d["pooled"])
   cmp.add("loss", val, d["loss"])
   cmp.add("grad_tile_features", gf, d["grad_tile_features"])
@@ -306,14 +333,21 @@ def check_layer4_train(d, impl, cmp):
       cmp.add(f"grad_w_{n}", g, d[f"grad_w_{n}"])
     # A sum cancels: judge its error against sqrt(N * sum g^2) >= sum |g|,
     # the size of the terms it adds (reference values only).
-    cmp.add(f"grad_w_{n}_sum", g.sum(), d[f"grad_w_{n}_sum"],
-            scale=math.sqrt(g.size * float(d[f"grad_w_{n}_sumsq"])))
+    cmp.add(
+      f"grad_w_{n}_sum",
+      g.sum(),
+      d[f"grad_w_{n}_sum"],
+      scale=math.sqrt(g.size * float(d[f"grad_w_{n}_sumsq"])),
+    )
     cmp.add(f"grad_w_{n}_sumsq", np.square(g.astype(np.float64)).sum(), d[f"grad_w_{n}_sumsq"])
     cmp.add(f"grad_w_{n}_absmax", np.abs(g).max(), d[f"grad_w_{n}_absmax"])
   if "grad_w_b0_conv1_slice" in d.files:
     k = int(d["grad_w_b0_conv1_slice_cin"])
-    cmp.add("grad_w_b0_conv1_slice", np.asarray(gp["b0_conv1"]["weight"][...])[:, :k],
-            d["grad_w_b0_conv1_slice"])
+    cmp.add(
+      "grad_w_b0_conv1_slice",
+      np.asarray(gp["b0_conv1"]["weight"][...])[:, :k],
+      d["grad_w_b0_conv1_slice"],
+    )
   for n in BN_NAMES:
     cmp.add(f"grad_{n}_weight", gp[n]["scale"][...], d[f"grad_{n}_weight"])
     cmp.add(f"grad_{n}_bias", gp[n]["bias"][...], d[f"grad_{n}_bias"])
@@ -324,7 +358,8 @@ def check_layer4_train(d, impl, cmp):
 def check_ntxent(d, impl, cmp):
   tau = float(d["temperature"])
   val, (g1, g2) = jax.value_and_grad(losses.nt_xent, argnums=(0, 1))(
-      jnp.asarray(d["z1"]), jnp.asarray(d["z2"]), tau)
+    jnp.asarray(d["z1"]), jnp.asarray(d["z2"]), tau
+  )
   cmp.add("loss", val, d["loss_float64"])
   cmp.add("grad_z1", g1, d["grad_z1"])
   cmp.add("grad_z2", g2, d["grad_z2"])
@@ -351,14 +386,14 @@ def classify(files) -> str | None:
 
 
 CHECKS = {
-    "input_layer": check_input_layer,
-    "subm": lambda d, i, c: check_conv_like(d, i, c, "subm"),
-    "strided": lambda d, i, c: check_conv_like(d, i, c, "strided"),
-    "avgpool": lambda d, i, c: check_conv_like(d, i, c, "avgpool"),
-    "bn": check_bn,
-    "layer4_eval": check_layer4_eval,
-    "layer4_train": check_layer4_train,
-    "ntxent": check_ntxent,
+  "input_layer": check_input_layer,
+  "subm": lambda d, i, c: check_conv_like(d, i, c, "subm"),
+  "strided": lambda d, i, c: check_conv_like(d, i, c, "strided"),
+  "avgpool": lambda d, i, c: check_conv_like(d, i, c, "avgpool"),
+  "bn": check_bn,
+  "layer4_eval": check_layer4_eval,
+  "layer4_train": check_layer4_train,
+  "ntxent": check_ntxent,
 }
 
 
@@ -368,8 +403,7 @@ def run(directory, tol: float = 1e-4, implementation: str | None = None, out=sys
   if not files:
     raise FileNotFoundError(f"no golden *.npz file in {directory}")
   rows = []
-  print(f"{'file':28s} {'kind':12s} {'max abs err':>12s} {'max rel err':>12s}  result",
-        file=out)
+  print(f"{'file':28s} {'kind':12s} {'max abs err':>12s} {'max rel err':>12s}  result", file=out)
   for f in files:
     cmp = Comparison()
     kind = "?"
@@ -385,8 +419,12 @@ def run(directory, tol: float = 1e-4, implementation: str | None = None, out=sys
       ok, note = False, f"{type(e).__name__}: {e}"
       cmp.abs = cmp.rel = math.inf
     rows.append((f.name, kind, cmp.abs, cmp.rel, ok, note))
-    print(f"{f.name:28s} {kind:12s} {cmp.abs:12.3e} {cmp.rel:12.3e}  "
-          f"{'PASS' if ok else 'FAIL'}{'  ' + note if note else ''}", file=out, flush=True)
+    print(
+      f"{f.name:28s} {kind:12s} {cmp.abs:12.3e} {cmp.rel:12.3e}  "
+      f"{'PASS' if ok else 'FAIL'}{'  ' + note if note else ''}",
+      file=out,
+      flush=True,
+    )
   n_ok = sum(r[4] for r in rows)
   print(f"{n_ok}/{len(rows)} golden files pass (relative tolerance {tol:g})", file=out)
   return rows, n_ok == len(rows)
@@ -394,13 +432,19 @@ def run(directory, tol: float = 1e-4, implementation: str | None = None, out=sys
 
 def main(argv=None):
   import argparse
-  p = argparse.ArgumentParser(prog="python -m gigassl_jax.sparse.conformance",
-                              description=__doc__.split("\n\n")[0])
+
+  p = argparse.ArgumentParser(
+    prog="python -m gigassl_jax.sparse.conformance", description=__doc__.split("\n\n")[0]
+  )
   p.add_argument("directory", help="folder of SparseConvNet golden *.npz files")
-  p.add_argument("--tol", type=float, default=1e-4,
-                 help="max relative error (abs err / max |ref|) per file")
-  p.add_argument("--implementation", default=None,
-                 help=f"sparse-conv implementation ({', '.join(sorted(conv_api.IMPLEMENTATIONS))})")
+  p.add_argument(
+    "--tol", type=float, default=1e-4, help="max relative error (abs err / max |ref|) per file"
+  )
+  p.add_argument(
+    "--implementation",
+    default=None,
+    help=f"sparse-conv implementation ({', '.join(sorted(conv_api.IMPLEMENTATIONS))})",
+  )
   a = p.parse_args(argv)
   if a.implementation is not None:
     conv_api.resolve(a.implementation)

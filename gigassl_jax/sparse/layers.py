@@ -82,8 +82,19 @@ def masked_moments(x, mask, axis_name=None):
   return mean, ss / jnp.maximum(n, 1.0), n
 
 
-def batch_norm(x, mask, scale, bias, running_mean, running_var, *, train: bool,
-               momentum: float = 0.9, eps: float = 1e-5, axis_name=None):
+def batch_norm(
+  x,
+  mask,
+  scale,
+  bias,
+  running_mean,
+  running_var,
+  *,
+  train: bool,
+  momentum: float = 0.9,
+  eps: float = 1e-5,
+  axis_name=None,
+):
   """Batch norm over the active sites of all views (and devices).
 
   Train: normalise with the batch statistics; running <- momentum * running +
@@ -175,27 +186,40 @@ class SparseConv(nnx.Module):
   at call time; `implementation` picks the kernel (see kernels/sparse_conv).
   """
 
-  def __init__(self, in_features: int, out_features: int, ksize: int = 3, *,
-               implementation: str | None = None, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_features: int,
+    out_features: int,
+    ksize: int = 3,
+    *,
+    implementation: str | None = None,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     self.in_features = in_features
     self.out_features = out_features
     self.ksize = ksize
     self.implementation = implementation
     self.dtype = dtype
     self.weight = nnx.Param(
-        _kaiming(rngs.params(), (ksize * ksize, in_features, out_features), param_dtype))
+      _kaiming(rngs.params(), (ksize * ksize, in_features, out_features), param_dtype)
+    )
 
   def __call__(self, feats, rulebook):
     if feats.shape[-1] != self.in_features:
       raise ValueError(
-          f"SparseConv expects {self.in_features} input channels, got {feats.shape[-1]}")
+        f"SparseConv expects {self.in_features} input channels, got {feats.shape[-1]}"
+      )
     if self.ksize == 1:
       # A 1x1 "submanifold" conv is a per-site matmul.
       return feats.astype(self.dtype) @ self.weight[...][0].astype(self.dtype)
     return conv_api.sparse_conv(
-        feats.astype(self.dtype), self.weight[...].astype(self.dtype), rulebook,
-        implementation=self.implementation)
+      feats.astype(self.dtype),
+      self.weight[...].astype(self.dtype),
+      rulebook,
+      implementation=self.implementation,
+    )
 
 
 class SparseBatchNorm(nnx.Module):
@@ -205,9 +229,16 @@ class SparseBatchNorm(nnx.Module):
   `axis_name` syncs statistics across devices (shard_map axis), None = local.
   """
 
-  def __init__(self, num_features: int, *, momentum: float = 0.9, eps: float = 1e-5,
-               axis_name: str | None = None, use_running_average: bool = False,
-               rngs: nnx.Rngs | None = None):
+  def __init__(
+    self,
+    num_features: int,
+    *,
+    momentum: float = 0.9,
+    eps: float = 1e-5,
+    axis_name: str | None = None,
+    use_running_average: bool = False,
+    rngs: nnx.Rngs | None = None,
+  ):
     del rngs
     self.momentum = momentum
     self.eps = eps
@@ -220,9 +251,18 @@ class SparseBatchNorm(nnx.Module):
 
   def __call__(self, x, mask):
     train = not self.use_running_average
-    y, m, v = batch_norm(x, mask, self.scale[...], self.bias[...], self.mean[...],
-                         self.var[...], train=train, momentum=self.momentum,
-                         eps=self.eps, axis_name=self.axis_name)
+    y, m, v = batch_norm(
+      x,
+      mask,
+      self.scale[...],
+      self.bias[...],
+      self.mean[...],
+      self.var[...],
+      train=train,
+      momentum=self.momentum,
+      eps=self.eps,
+      axis_name=self.axis_name,
+    )
     if train:
       self.mean.set_value(m)
       self.var.set_value(v)
@@ -233,5 +273,12 @@ def relu(x):
   return jax.nn.relu(x)
 
 
-__all__ = ["avg_pool", "global_mean", "masked_moments", "batch_norm", "SparseConv",
-           "SparseBatchNorm", "relu"]
+__all__ = [
+  "avg_pool",
+  "global_mean",
+  "masked_moments",
+  "batch_norm",
+  "SparseConv",
+  "SparseBatchNorm",
+  "relu",
+]

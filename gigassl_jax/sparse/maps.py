@@ -124,8 +124,9 @@ def _check_views(xy, feats, valid, cell):
     raise ValueError(f"tile coordinates must be [V, T, 2], got shape {np.shape(xy)}")
   if np.ndim(feats) != 3 or np.shape(feats)[:2] != np.shape(xy)[:2]:
     raise ValueError(
-        f"tile features must be [V, T, C] matching coordinates {np.shape(xy)[:2]}, "
-        f"got shape {np.shape(feats)}")
+      f"tile features must be [V, T, C] matching coordinates {np.shape(xy)[:2]}, "
+      f"got shape {np.shape(feats)}"
+    )
   if int(cell) <= 0:
     raise ValueError(f"cell size must be a positive number of pixels, got {cell}")
   if not is_concrete(xy, feats, valid):
@@ -148,8 +149,9 @@ def _check_views(xy, feats, valid, cell):
     ext = (p.max(0) - p.min(0)) // int(cell)
     if (ext >= COORD_LIMIT).any():
       raise ValueError(
-          f"view {v} spans {ext.tolist()} grid cells; at most {COORD_LIMIT - 1} per "
-          f"axis are representable (cell={cell} level-0 pixels)")
+        f"view {v} spans {ext.tolist()} grid cells; at most {COORD_LIMIT - 1} per "
+        f"axis are representable (cell={cell} level-0 pixels)"
+      )
 
 
 def build_views(xy, feats, valid=None, *, cell: int = 224) -> SparseMap:
@@ -196,8 +198,8 @@ def from_grid(grid, feats, valid=None) -> SparseMap:
     gv = np.asarray(grid)[np.asarray(valid)]
     if gv.size and (gv.min() < 0 or gv.max() >= COORD_LIMIT):
       raise ValueError(
-          f"grid coordinates must lie in [0, {COORD_LIMIT}); got range "
-          f"[{gv.min()}, {gv.max()}]")
+        f"grid coordinates must lie in [0, {COORD_LIMIT}); got range [{gv.min()}, {gv.max()}]"
+      )
   return _from_grid(grid, feats, valid)
 
 

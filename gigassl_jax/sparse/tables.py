@@ -103,8 +103,12 @@ def _hash_insert(site_keys: jax.Array):
     probe = jnp.where(pending & ~won, probe + 1, probe)
     return slot_keys, slot_rows, pending & ~won, probe
 
-  init = (jnp.full((size,), _EMPTY, jnp.int32), jnp.full((size,), -1, jnp.int32),
-          site_keys != maps.PAD_KEY, jnp.zeros((n,), jnp.int32))
+  init = (
+    jnp.full((size,), _EMPTY, jnp.int32),
+    jnp.full((size,), -1, jnp.int32),
+    site_keys != maps.PAD_KEY,
+    jnp.zeros((n,), jnp.int32),
+  )
   slot_keys, slot_rows, _, _ = jax.lax.while_loop(cond, body, init)
   return slot_keys, slot_rows
 
@@ -165,8 +169,9 @@ def _query_keys(coords, mask, offsets):
 
 
 @functools.partial(jax.jit, static_argnames=("ksize", "builder"))
-def submanifold_rulebook(smap: maps.SparseMap, ksize: int = 3,
-                         builder: str = DEFAULT_BUILDER) -> Rulebook:
+def submanifold_rulebook(
+  smap: maps.SparseMap, ksize: int = 3, builder: str = DEFAULT_BUILDER
+) -> Rulebook:
   """Rule book of a submanifold convolution: output sites = input sites.
 
   Output o reads, through tap k = ksize*d0 + d1, the input at
@@ -182,9 +187,16 @@ def submanifold_rulebook(smap: maps.SparseMap, ksize: int = 3,
 
   nbr = jax.vmap(one)(smap.coords, smap.mask)
   # Input i is read by output o through tap k iff o = i - off_k = i + off_{K-1-k}.
-  return Rulebook(nbr=nbr, nbr_t=nbr[:, :, ::-1], in_coords=smap.coords,
-                  in_mask=smap.mask, out_coords=smap.coords, out_mask=smap.mask,
-                  ksize=ksize, stride=1)
+  return Rulebook(
+    nbr=nbr,
+    nbr_t=nbr[:, :, ::-1],
+    in_coords=smap.coords,
+    in_mask=smap.mask,
+    out_coords=smap.coords,
+    out_mask=smap.mask,
+    ksize=ksize,
+    stride=1,
+  )
 
 
 def strided_output_sites(coords, mask, spatial_size=None):
@@ -221,8 +233,9 @@ def strided_output_sites(coords, mask, spatial_size=None):
   return out_coords, out_mask
 
 
-def strided_rulebook(smap: maps.SparseMap, builder: str = DEFAULT_BUILDER,
-                     spatial_size=None) -> Rulebook:
+def strided_rulebook(
+  smap: maps.SparseMap, builder: str = DEFAULT_BUILDER, spatial_size=None
+) -> Rulebook:
   """Rule book of the 3x3 stride-2 unpadded convolution (and 3x3/2 pooling).
 
   Output j reads, through tap k = 3*d0 + d1, the input at 2j + (d0, d1).
@@ -258,5 +271,13 @@ def _strided_rulebook(smap, builder, spatial_size):
     return nbr, nbr_t
 
   nbr, nbr_t = jax.vmap(one)(smap.coords, smap.mask, out_coords, out_mask)
-  return Rulebook(nbr=nbr, nbr_t=nbr_t, in_coords=smap.coords, in_mask=smap.mask,
-                  out_coords=out_coords, out_mask=out_mask, ksize=3, stride=2)
+  return Rulebook(
+    nbr=nbr,
+    nbr_t=nbr_t,
+    in_coords=smap.coords,
+    in_mask=smap.mask,
+    out_coords=out_coords,
+    out_mask=out_mask,
+    ksize=3,
+    stride=2,
+  )

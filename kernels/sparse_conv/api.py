@@ -16,12 +16,12 @@ import jax
 from gigassl_jax.kernels.sparse_conv import dense, gather, pairs, pallas_gpu, pallas_tpu, reference
 
 IMPLEMENTATIONS = {
-    "dense": dense.conv_dense,
-    "reference": reference.conv_reference,
-    "gather": gather.conv_gather,
-    "pairs": pairs.conv_pairs,
-    "pallas_gpu": pallas_gpu.conv_pallas_gpu,
-    "pallas_tpu": pallas_tpu.conv_pallas_tpu,
+  "dense": dense.conv_dense,
+  "reference": reference.conv_reference,
+  "gather": gather.conv_gather,
+  "pairs": pairs.conv_pairs,
+  "pallas_gpu": pallas_gpu.conv_pallas_gpu,
+  "pallas_tpu": pallas_tpu.conv_pallas_tpu,
 }
 
 # CPU: measured by bench.py (experiments/results/kernels.md): `pairs` is several
@@ -40,8 +40,8 @@ def resolve(implementation: str | None) -> str:
     return DEFAULT_BY_BACKEND.get(jax.default_backend(), "gather")
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(
-        f"unknown sparse-conv implementation {implementation!r}; valid: "
-        f"{sorted(IMPLEMENTATIONS)}")
+      f"unknown sparse-conv implementation {implementation!r}; valid: {sorted(IMPLEMENTATIONS)}"
+    )
   return implementation
 
 
@@ -60,13 +60,14 @@ def sparse_conv(feats, weight, rulebook, *, implementation: str | None = None, *
   """
   if feats.shape[-1] != weight.shape[1]:
     raise ValueError(
-        f"feature channels {feats.shape[-1]} do not match the weight's input "
-        f"channels {weight.shape[1]} (weight shape {weight.shape})")
+      f"feature channels {feats.shape[-1]} do not match the weight's input "
+      f"channels {weight.shape[1]} (weight shape {weight.shape})"
+    )
   if weight.shape[0] != rulebook.taps:
-    raise ValueError(
-        f"weight has {weight.shape[0]} taps but the rule book has {rulebook.taps}")
+    raise ValueError(f"weight has {weight.shape[0]} taps but the rule book has {rulebook.taps}")
   if feats.shape[:2] != rulebook.in_mask.shape:
     raise ValueError(
-        f"features {feats.shape[:2]} do not match the rule book's input sites "
-        f"{rulebook.in_mask.shape}")
+      f"features {feats.shape[:2]} do not match the rule book's input sites "
+      f"{rulebook.in_mask.shape}"
+    )
   return IMPLEMENTATIONS[resolve(implementation)](feats, weight, rulebook, **options)

@@ -122,12 +122,16 @@ def _other_pool_method():
 
 def _jax_block(impl, shape, builder, pool_method=None):
   """{pass: warmed-up callable} of the whole pooling network."""
-  net = models.PoolingNet(shape.c_in, shape.c_out, conv_impl=impl, table_builder=builder,
-                          rngs=nnx.Rngs(0))
+  net = models.PoolingNet(
+    shape.c_in, shape.c_out, conv_impl=impl, table_builder=builder, rngs=nnx.Rngs(0)
+  )
   gdef, params, rest = nnx.split(net, nnx.Param, ...)
   smap = shape.smap
-  ct = jnp.asarray(np.random.default_rng(0).standard_normal(
-      (smap.num_views, 4 * smap.capacity, shape.c_out)).astype(np.float32))
+  ct = jnp.asarray(
+    np.random.default_rng(0)
+    .standard_normal((smap.num_views, 4 * smap.capacity, shape.c_out))
+    .astype(np.float32)
+  )
 
   def loss(params, rest, smap):
     # Fresh copies of the batch stats at this trace level: BN updates them.
@@ -151,8 +155,9 @@ def _jax_conv(impl, x, w, rb, passes):
     return api.sparse_conv(x, w, rb, implementation=impl)
 
   # A random cotangent: with ones XLA could simplify the backward GEMMs to sums.
-  ct = jnp.asarray(np.random.default_rng(2).standard_normal(
-      rb.out_mask.shape + (w.shape[-1],)).astype(np.float32)).astype(x.dtype)
+  ct = jnp.asarray(
+    np.random.default_rng(2).standard_normal(rb.out_mask.shape + (w.shape[-1],)).astype(np.float32)
+  ).astype(x.dtype)
   fns = {"fwd": functools.partial(jax.jit(f), x, w, rb)}
   if "fwd_bwd" in passes:
     g = jax.jit(jax.grad(lambda x, w, rb: jnp.sum(f(x, w, rb) * ct), (0, 1)))
@@ -225,8 +230,9 @@ def _spconv(shape, passes, threads, device="cpu"):
 
     def make(requires_grad):
       f = t0.features.detach().clone().requires_grad_(requires_grad)
-      return peer.spconv.SparseConvTensor(f, t0.indices, t0.spatial_shape, t0.batch_size,
-                                          indice_dict=y0.indice_dict)
+      return peer.spconv.SparseConvTensor(
+        f, t0.indices, t0.spatial_shape, t0.batch_size, indice_dict=y0.indice_dict
+      )
 
     def fwd():
       with torch.no_grad():
@@ -245,6 +251,7 @@ def _spconv(shape, passes, threads, device="cpu"):
       if device != "cpu":
         torch.cuda.synchronize()
       return out
+
     return run
 
   fns = {p: with_threads({"fwd": fwd, "fwd_bwd": fb}[p]) for p in passes}
@@ -270,8 +277,10 @@ def _shape_records(name, impls, repeats, tiles, spconv_threads, spconv_device="c
     rb = tables.submanifold_rulebook(shape.smap)
     f = 2 * int(pairs.count_pairs(rb)) * shape.c_in * shape.c_out
     flops = {"fwd": f, "fwd_bwd": 3 * f}
-    w = jnp.asarray(np.random.default_rng(1).standard_normal(
-        (9, shape.c_in, shape.c_out)).astype(np.float32) * 0.02)
+    w = jnp.asarray(
+      np.random.default_rng(1).standard_normal((9, shape.c_in, shape.c_out)).astype(np.float32)
+      * 0.02
+    )
   arms, meta = {}, {}
 
   def arm(label, make, device=dev, threads=None):
@@ -283,8 +292,7 @@ def _shape_records(name, impls, repeats, tiles, spconv_threads, spconv_device="c
     except Exception as e:  # noqa: BLE001  a failing arm is reported, the others run
       print(f"  {label}: FAILED {type(e).__name__}: {e}", flush=True)
 
-  arm("gemm", lambda: _gemm(flops, shape.c_out if shape.block else shape.c_in,
-                            shape.c_out, passes))
+  arm("gemm", lambda: _gemm(flops, shape.c_out if shape.block else shape.c_in, shape.c_out, passes))
   for b in tables.BUILDERS:
     arm(f"tables:{b}", functools.partial(_builder, shape, b))
   for impl in list(impls) + [f"pairs@{t}" for t in tiles]:
@@ -296,29 +304,48 @@ def _shape_records(name, impls, repeats, tiles, spconv_threads, spconv_device="c
       arm(impl, functools.partial(_jax_conv, impl, shape.smap.feats, w, rb, passes))
   if shape.block and impls:
     other = _other_pool_method()
-    arm(f"{impls[0]}+pool:{other}", functools.partial(
-        _jax_block, impls[0], shape, tables.DEFAULT_BUILDER, pool_method=other))
+    arm(
+      f"{impls[0]}+pool:{other}",
+      functools.partial(_jax_block, impls[0], shape, tables.DEFAULT_BUILDER, pool_method=other),
+    )
   for th in spconv_threads:
     if spconv_device == "cpu":
-      arm(f"spconv(threads={th})", functools.partial(_spconv, shape, passes, th),
-          device=f"cpu:{cpu} (torch)", threads=th)
+      arm(
+        f"spconv(threads={th})",
+        functools.partial(_spconv, shape, passes, th),
+        device=f"cpu:{cpu} (torch)",
+        threads=th,
+      )
     else:
-      arm("spconv(cuda)", functools.partial(_spconv, shape, passes, th, spconv_device),
-          device=f"{_torch_gpu_name()} (torch)", threads=th)
+      arm(
+        "spconv(cuda)",
+        functools.partial(_spconv, shape, passes, th, spconv_device),
+        device=f"{_torch_gpu_name()} (torch)",
+        threads=th,
+      )
       break
   print(f"  timing {len(arms)} arms x {repeats} interleaved rounds", flush=True)
   records = []
   for (label, p), sec in _time_interleaved(arms, repeats).items():
     device, threads = meta[label]
-    records.append({"shape": name, "implementation": label, "pass": p,
-                    "median_ms": 1e3 * sec, "device": device,
-                    "gflop": 0.0 if p == "build" else flops[p] / 1e9, "threads": threads})
+    records.append(
+      {
+        "shape": name,
+        "implementation": label,
+        "pass": p,
+        "median_ms": 1e3 * sec,
+        "device": device,
+        "gflop": 0.0 if p == "build" else flops[p] / 1e9,
+        "threads": threads,
+      }
+    )
     print(f"  {name:9s} {label:22s} {p:8s} {1e3 * sec:10.1f} ms", flush=True)
   return records
 
 
 def _torch_gpu_name():
   import torch
+
   return f"cuda:{torch.cuda.get_device_name()}"
 
 
@@ -334,14 +361,21 @@ def run(names, impls, repeats, tiles, spconv_threads, spconv_device="cpu"):
 
 def table(records) -> str:
   """Markdown table: per shape and pass, rows sorted by time."""
-  lines = [("| shape | pass | implementation | median ms | GFLOP/s (real pairs) "
-            "| x spconv (>1 faster) | / same-FLOP GEMM |"),
-           "|---|---|---|---:|---:|---:|---:|"]
-  keys = sorted({(r["shape"], r["pass"]) for r in records},
-                key=lambda k: (shapes.NAMES.index(k[0]) if k[0] in shapes.NAMES else 99, k[1]))
+  lines = [
+    (
+      "| shape | pass | implementation | median ms | GFLOP/s (real pairs) "
+      "| x spconv (>1 faster) | / same-FLOP GEMM |"
+    ),
+    "|---|---|---|---:|---:|---:|---:|",
+  ]
+  keys = sorted(
+    {(r["shape"], r["pass"]) for r in records},
+    key=lambda k: (shapes.NAMES.index(k[0]) if k[0] in shapes.NAMES else 99, k[1]),
+  )
   for shape, p in keys:
-    rows = sorted((r for r in records if r["shape"] == shape and r["pass"] == p),
-                  key=lambda r: r["median_ms"])
+    rows = sorted(
+      (r for r in records if r["shape"] == shape and r["pass"] == p), key=lambda r: r["median_ms"]
+    )
     sp = [r["median_ms"] for r in rows if r["implementation"].startswith("spconv")]
     gm = [r["median_ms"] for r in rows if r["implementation"] == "gemm"]
     for r in rows:
@@ -360,8 +394,12 @@ def main(argv=None):
   ap.add_argument("--impls", default=",".join(i for i in api.IMPLEMENTATIONS if i not in SKIP))
   ap.add_argument("--pairs_tiles", default="", help="extra pairs tile sizes, e.g. 128,512")
   ap.add_argument("--spconv_threads", default="1,2")
-  ap.add_argument("--spconv_device", default="auto", choices=("auto", "cpu", "cuda"),
-                  help="auto: cuda when JAX runs on a GPU (the peer on the same card)")
+  ap.add_argument(
+    "--spconv_device",
+    default="auto",
+    choices=("auto", "cpu", "cuda"),
+    help="auto: cuda when JAX runs on a GPU (the peer on the same card)",
+  )
   ap.add_argument("--repeats", type=int, default=5)
   a = ap.parse_args(argv)
   names = [s for s in a.shapes.split(",") if s]
@@ -373,8 +411,9 @@ def main(argv=None):
     api.resolve(i)
   tiles = [int(t) for t in a.pairs_tiles.split(",") if t]
   threads = [int(t) for t in a.spconv_threads.split(",") if t]
-  print(f"device {_device()} ({_cpu_name()}, {os.cpu_count()} cpus), jax {jax.__version__}",
-        flush=True)
+  print(
+    f"device {_device()} ({_cpu_name()}, {os.cpu_count()} cpus), jax {jax.__version__}", flush=True
+  )
   sp_dev = a.spconv_device
   if sp_dev == "auto":
     sp_dev = "cuda" if jax.default_backend() == "gpu" else "cpu"

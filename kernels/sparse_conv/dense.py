@@ -14,8 +14,7 @@ from gigassl_jax.sparse import maps
 
 def _extent(rulebook):
   if not maps.is_concrete(rulebook.in_coords, rulebook.in_mask):
-    raise ValueError(
-        "the dense implementation needs a static grid size under jit: pass extent=")
+    raise ValueError("the dense implementation needs a static grid size under jit: pass extent=")
   c = np.asarray(rulebook.in_coords)[np.asarray(rulebook.in_mask)]
   return int(c.max(initial=0)) + 1
 
@@ -53,11 +52,18 @@ def conv_dense(feats, weight, rulebook, extent=None):
     # exists (windows past the reference's spatial size are simply not read).
     pad = [(0, ks - 1)] * 2
   out = jax.lax.conv_general_dilated(
-      dense, kernel.astype(dense.dtype), (rulebook.stride,) * 2, pad,
-      dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      precision=jax.lax.Precision.HIGHEST)
+    dense,
+    kernel.astype(dense.dtype),
+    (rulebook.stride,) * 2,
+    pad,
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    precision=jax.lax.Precision.HIGHEST,
+  )
   v, s_out = rulebook.out_mask.shape
   vi = jnp.broadcast_to(jnp.arange(v)[:, None], (v, s_out))
-  rows = out[vi, rulebook.out_coords[..., 0].clip(0, out.shape[1] - 1),
-             rulebook.out_coords[..., 1].clip(0, out.shape[2] - 1)]
+  rows = out[
+    vi,
+    rulebook.out_coords[..., 0].clip(0, out.shape[1] - 1),
+    rulebook.out_coords[..., 1].clip(0, out.shape[2] - 1),
+  ]
   return jnp.where(rulebook.out_mask[..., None], rows, 0)

@@ -127,8 +127,9 @@ def _bwd(n_out, res, g):
     dw = dw.at[tap[t]].add(_dot(_rows(x, src[t]).T, gt))
     return dx, dw
 
-  dx, dw = jax.lax.fori_loop(0, n_used, body, (jnp.zeros(x.shape, jnp.float32),
-                                               jnp.zeros(w.shape, jnp.float32)))
+  dx, dw = jax.lax.fori_loop(
+    0, n_used, body, (jnp.zeros(x.shape, jnp.float32), jnp.zeros(w.shape, jnp.float32))
+  )
   return (dx.astype(x.dtype), dw.astype(w.dtype), None, None, None, None)
 
 
@@ -160,8 +161,15 @@ def conv_pairs(feats, weight, rulebook, tile: int = DEFAULT_TILE):
   nbr = flat_table(rulebook.nbr, s_in)
   src, dst, tap, n_used = _plan(nbr, v * s_in, tile)
   dtype = jnp.result_type(feats, weight)
-  out = tiled_pairs(feats.reshape(v * s_in, c_in).astype(dtype), weight.astype(dtype),
-                    src, dst, tap, n_used, v * s_out)
+  out = tiled_pairs(
+    feats.reshape(v * s_in, c_in).astype(dtype),
+    weight.astype(dtype),
+    src,
+    dst,
+    tap,
+    n_used,
+    v * s_out,
+  )
   return out.reshape(v, s_out, weight.shape[-1])
 
 
@@ -180,8 +188,9 @@ def tiled_sum(x, src, dst, n_used, n_out):
 
 def _scatter_tiles(x, src, dst, n_used, n_out):
   def body(t, out):
-    return out.at[dst[t]].add(_rows(x, src[t]).astype(jnp.float32), mode="drop",
-                              unique_indices=True)
+    return out.at[dst[t]].add(
+      _rows(x, src[t]).astype(jnp.float32), mode="drop", unique_indices=True
+    )
 
   out = jax.lax.fori_loop(0, n_used, body, jnp.zeros((n_out, x.shape[1]), jnp.float32))
   return out.astype(x.dtype)
@@ -283,5 +292,14 @@ def count_pairs(rulebook) -> jax.Array:
   return jnp.sum(rulebook.nbr >= 0, dtype=jnp.int32)
 
 
-__all__ = ["DEFAULT_TILE", "WINDOW_SUM_METHODS", "conv_pairs", "count_pairs",
-           "default_window_sum_method", "flat_table", "tiled_pairs", "tiled_sum", "window_sum"]
+__all__ = [
+  "DEFAULT_TILE",
+  "WINDOW_SUM_METHODS",
+  "conv_pairs",
+  "count_pairs",
+  "default_window_sum_method",
+  "flat_table",
+  "tiled_pairs",
+  "tiled_sum",
+  "window_sum",
+]

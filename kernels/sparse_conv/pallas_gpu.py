@@ -54,8 +54,13 @@ def _geometry(n_out, c_in, c_out, block_m, block_k, block_n):
   shrink to the (16-rounded) channel counts; every size is padded to its block."""
   block_k = min(block_k, _round_up(c_in, 16))
   block_n = min(block_n, _round_up(c_out, 16))
-  return (block_k, block_n, _round_up(n_out, block_m), _round_up(c_in, block_k),
-          _round_up(c_out, block_n))
+  return (
+    block_k,
+    block_n,
+    _round_up(n_out, block_m),
+    _round_up(c_in, block_k),
+    _round_up(c_out, block_n),
+  )
 
 
 def _gather_gemm_kernel(nbr_ref, x_ref, w_ref, o_ref, *, block_k):
@@ -82,8 +87,9 @@ def _gather_gemm_kernel(nbr_ref, x_ref, w_ref, o_ref, *, block_k):
   o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def gather_gemm(nbr, x, w, *, block_m=64, block_n=64, block_k=32, num_warps=4,
-                num_stages=2, interpret=False):
+def gather_gemm(
+  nbr, x, w, *, block_m=64, block_n=64, block_k=32, num_warps=4, num_stages=2, interpret=False
+):
   """out[o] = sum_k x[nbr[o, k]] @ w[k] (absent taps contribute 0).
 
   Args:
@@ -95,21 +101,22 @@ def gather_gemm(nbr, x, w, *, block_m=64, block_n=64, block_k=32, num_warps=4,
   """
   n_out, taps = nbr.shape
   _, c_in, c_out = w.shape
-  block_k, block_n, n_pad, ci_pad, co_pad = _geometry(n_out, c_in, c_out, block_m, block_k,
-                                                      block_n)
+  block_k, block_n, n_pad, ci_pad, co_pad = _geometry(n_out, c_in, c_out, block_m, block_k, block_n)
   nbr = _pad_to(nbr, 0, n_pad, -1)
   x = _pad_to(x, 1, ci_pad)
   w = _pad_to(_pad_to(w.astype(x.dtype), 1, ci_pad), 2, co_pad)
   out = pl.pallas_call(
-      functools.partial(_gather_gemm_kernel, block_k=block_k),
-      grid=(n_pad // block_m, co_pad // block_n),
-      in_specs=[pl.BlockSpec((block_m, taps), lambda i, j: (i, 0)),
-                pl.BlockSpec(x.shape, lambda i, j: (0, 0)),
-                pl.BlockSpec((taps, ci_pad, block_n), lambda i, j: (0, 0, j))],
-      out_specs=pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)),
-      out_shape=jax.ShapeDtypeStruct((n_pad, co_pad), x.dtype),
-      compiler_params=pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      interpret=interpret,
+    functools.partial(_gather_gemm_kernel, block_k=block_k),
+    grid=(n_pad // block_m, co_pad // block_n),
+    in_specs=[
+      pl.BlockSpec((block_m, taps), lambda i, j: (i, 0)),
+      pl.BlockSpec(x.shape, lambda i, j: (0, 0)),
+      pl.BlockSpec((taps, ci_pad, block_n), lambda i, j: (0, 0, j)),
+    ],
+    out_specs=pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)),
+    out_shape=jax.ShapeDtypeStruct((n_pad, co_pad), x.dtype),
+    compiler_params=pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+    interpret=interpret,
   )(nbr, x, w)
   return out[:n_out, :c_out]
 
@@ -137,26 +144,28 @@ def _wgrad_kernel(nbr_ref, x_ref, g_ref, o_ref, *, block_m):
   o_ref[0] = acc.astype(o_ref.dtype)
 
 
-def weight_grad(nbr, x, g, *, block_m=64, block_n=64, block_k=32, num_warps=4,
-                num_stages=2, interpret=False):
+def weight_grad(
+  nbr, x, g, *, block_m=64, block_n=64, block_k=32, num_warps=4, num_stages=2, interpret=False
+):
   """dw[k] = sum_o x[nbr[o, k]].T @ g[o]: float32 [K, C_in, C_out]."""
   n_out, taps = nbr.shape
   c_in, c_out = x.shape[1], g.shape[1]
-  block_k, block_n, n_pad, ci_pad, co_pad = _geometry(n_out, c_in, c_out, block_m, block_k,
-                                                      block_n)
+  block_k, block_n, n_pad, ci_pad, co_pad = _geometry(n_out, c_in, c_out, block_m, block_k, block_n)
   nbr = _pad_to(nbr, 0, n_pad, -1)
   x = _pad_to(x, 1, ci_pad)
   g = _pad_to(_pad_to(g.astype(x.dtype), 0, n_pad), 1, co_pad)
   dw = pl.pallas_call(
-      functools.partial(_wgrad_kernel, block_m=block_m),
-      grid=(taps, ci_pad // block_k, co_pad // block_n),
-      in_specs=[pl.BlockSpec(nbr.shape, lambda k, a, b: (0, 0)),
-                pl.BlockSpec(x.shape, lambda k, a, b: (0, 0)),
-                pl.BlockSpec((n_pad, block_n), lambda k, a, b: (0, b))],
-      out_specs=pl.BlockSpec((1, block_k, block_n), lambda k, a, b: (k, a, b)),
-      out_shape=jax.ShapeDtypeStruct((taps, ci_pad, co_pad), jnp.float32),
-      compiler_params=pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-      interpret=interpret,
+    functools.partial(_wgrad_kernel, block_m=block_m),
+    grid=(taps, ci_pad // block_k, co_pad // block_n),
+    in_specs=[
+      pl.BlockSpec(nbr.shape, lambda k, a, b: (0, 0)),
+      pl.BlockSpec(x.shape, lambda k, a, b: (0, 0)),
+      pl.BlockSpec((n_pad, block_n), lambda k, a, b: (0, b)),
+    ],
+    out_specs=pl.BlockSpec((1, block_k, block_n), lambda k, a, b: (k, a, b)),
+    out_shape=jax.ShapeDtypeStruct((taps, ci_pad, co_pad), jnp.float32),
+    compiler_params=pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+    interpret=interpret,
   )(nbr, x, g)
   return dw[:, :c_in, :c_out]
 
@@ -182,8 +191,18 @@ def _conv_bwd(opts, res, g):
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-def conv_pallas_gpu(feats, weight, rulebook, *, block_m=64, block_n=64, block_k=32,
-                    num_warps=4, num_stages=2, interpret=None):
+def conv_pallas_gpu(
+  feats,
+  weight,
+  rulebook,
+  *,
+  block_m=64,
+  block_n=64,
+  block_k=32,
+  num_warps=4,
+  num_stages=2,
+  interpret=None,
+):
   """Sparse convolution with the fused gather-GEMM Triton kernels.
 
   Args:
@@ -203,8 +222,13 @@ def conv_pallas_gpu(feats, weight, rulebook, *, block_m=64, block_n=64, block_k=
   dtype = jnp.result_type(feats, weight)
   nbr = pairs.flat_table(rulebook.nbr, s_in)
   nbr_t = pairs.flat_table(rulebook.nbr_t, s_out)
-  opts = (("block_m", block_m), ("block_n", block_n), ("block_k", block_k),
-          ("num_warps", num_warps), ("num_stages", num_stages), ("interpret", bool(interpret)))
-  out = _conv(feats.reshape(v * s_in, c_in).astype(dtype), weight.astype(dtype), nbr, nbr_t,
-              opts)
+  opts = (
+    ("block_m", block_m),
+    ("block_n", block_n),
+    ("block_k", block_k),
+    ("num_warps", num_warps),
+    ("num_stages", num_stages),
+    ("interpret", bool(interpret)),
+  )
+  out = _conv(feats.reshape(v * s_in, c_in).astype(dtype), weight.astype(dtype), nbr, nbr_t, opts)
   return out.reshape(v, s_out, weight.shape[-1])

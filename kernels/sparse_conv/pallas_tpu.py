@@ -49,12 +49,14 @@ def _kernel(nbr_smem, x_hbm, w_ref, o_ref, buf, sem, *, taps, zero_row):
     return pltpu.make_async_copy(x_hbm.at[pl.ds(row, 1)], buf.at[k, pl.ds(r, 1)], sem.at[0])
 
   for k in range(taps):  # static: K is 9
+
     def start(r, c, k=k):
       copy(k, r).start()
       return c
 
     jax.lax.fori_loop(0, bm, start, 0)
   for k in range(taps):
+
     def wait(r, c, k=k):
       copy(k, r).wait()
       return c
@@ -87,19 +89,20 @@ def gather_gemm(nbr, x, w, *, block_m=128, block_n=None, interpret=False):
   nbr = jnp.pad(nbr, ((0, n_pad - n_out), (0, 0)), constant_values=-1).reshape(-1)
   x = jnp.concatenate([x, jnp.zeros((1, c_in), x.dtype)])  # row n_in: the zero row
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=1,
-      grid=(n_pad // block_m, c_out // block_n),
-      in_specs=[pl.BlockSpec(memory_space=pl.ANY),
-                pl.BlockSpec((taps, c_in, block_n), lambda i, j, nbr: (0, 0, j))],
-      out_specs=pl.BlockSpec((block_m, block_n), lambda i, j, nbr: (i, j)),
-      scratch_shapes=[pltpu.VMEM((taps, block_m, c_in), x.dtype),
-                      pltpu.SemaphoreType.DMA((1,))],
+    num_scalar_prefetch=1,
+    grid=(n_pad // block_m, c_out // block_n),
+    in_specs=[
+      pl.BlockSpec(memory_space=pl.ANY),
+      pl.BlockSpec((taps, c_in, block_n), lambda i, j, nbr: (0, 0, j)),
+    ],
+    out_specs=pl.BlockSpec((block_m, block_n), lambda i, j, nbr: (i, j)),
+    scratch_shapes=[pltpu.VMEM((taps, block_m, c_in), x.dtype), pltpu.SemaphoreType.DMA((1,))],
   )
   out = pl.pallas_call(
-      functools.partial(_kernel, taps=taps, zero_row=n_in),
-      grid_spec=grid_spec,
-      out_shape=jax.ShapeDtypeStruct((n_pad, c_out), x.dtype),
-      interpret=interpret,
+    functools.partial(_kernel, taps=taps, zero_row=n_in),
+    grid_spec=grid_spec,
+    out_shape=jax.ShapeDtypeStruct((n_pad, c_out), x.dtype),
+    interpret=interpret,
   )(nbr, x, w.astype(x.dtype))
   return out[:n_out]
 
@@ -147,6 +150,5 @@ def conv_pallas_tpu(feats, weight, rulebook, *, block_m=128, block_n=None, inter
   nbr = pairs.flat_table(rulebook.nbr, s_in)
   nbr_t = pairs.flat_table(rulebook.nbr_t, s_out)
   opts = (("block_m", block_m), ("block_n", block_n), ("interpret", bool(interpret)))
-  out = _conv(feats.reshape(v * s_in, c_in).astype(dtype), weight.astype(dtype), nbr, nbr_t,
-              opts)
+  out = _conv(feats.reshape(v * s_in, c_in).astype(dtype), weight.astype(dtype), nbr, nbr_t, opts)
   return out.reshape(v, s_out, weight.shape[-1])

@@ -30,8 +30,9 @@ def to_spconv_weight(w) -> torch.Tensor:
   return torch.from_numpy(np.ascontiguousarray(w.reshape(3, 3, cin, cout).transpose(3, 0, 1, 2)))
 
 
-def sparse_tensor(coords, feats, mask, requires_grad=False,
-                  device="cpu") -> spconv.SparseConvTensor:
+def sparse_tensor(
+  coords, feats, mask, requires_grad=False, device="cpu"
+) -> spconv.SparseConvTensor:
   """Our padded [V, S, 2] / [V, S, C] / [V, S] -> an spconv tensor of the active rows.
 
   The spatial shape is max coordinate + 3, so every stride-2 window holding an
@@ -53,8 +54,7 @@ def subm_conv(c_in, c_out, key="subm") -> spconv.SubMConv2d:
 
 
 def strided_conv(c_in, c_out, key="down") -> spconv.SparseConv2d:
-  return spconv.SparseConv2d(c_in, c_out, 3, stride=2, padding=0, bias=False,
-                             indice_key=key)
+  return spconv.SparseConv2d(c_in, c_out, 3, stride=2, padding=0, bias=False, indice_key=key)
 
 
 def to_padded(t: spconv.SparseConvTensor, coords, mask) -> np.ndarray:
@@ -87,8 +87,9 @@ class PoolingBlock(torch.nn.Module):
     self.b0_conv2 = subm_conv(c, c, "subm")
     self.b1_conv1 = subm_conv(c, c, "subm")
     self.b1_conv2 = subm_conv(c, c, "subm")
-    self.norms = torch.nn.ModuleList([torch.nn.BatchNorm1d(c, eps=1e-5, momentum=0.1)
-                                      for _ in range(5)])
+    self.norms = torch.nn.ModuleList(
+      [torch.nn.BatchNorm1d(c, eps=1e-5, momentum=0.1) for _ in range(5)]
+    )
 
   def forward(self, x: spconv.SparseConvTensor) -> spconv.SparseConvTensor:
     n = self.norms

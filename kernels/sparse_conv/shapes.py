@@ -55,15 +55,16 @@ def tissue_blob(rng: np.random.Generator, n: int) -> np.ndarray:
   for _ in range(rng.integers(1, 4)):
     cx, cy = rng.uniform(0.3, 0.7, 2) * side
     sx, sy = rng.uniform(0.15, 0.35, 2) * side
-    field += rng.uniform(0.5, 1.0) * np.exp(-((xx - cx) / sx)**2 - ((yy - cy) / sy)**2)
+    field += rng.uniform(0.5, 1.0) * np.exp(-(((xx - cx) / sx) ** 2) - ((yy - cy) / sy) ** 2)
   field += 0.03 * rng.standard_normal(field.shape)
   idx = np.argsort(field.ravel())[::-1][:n]
   cells = np.stack([idx % side, idx // side], axis=-1)  # (x, y)
   return cells.astype(np.int32)
 
 
-def train_views(seed: int = 0, views: int = 512, tiles: int = 5, channels: int = 256,
-                augment: bool = True) -> maps.SparseMap:
+def train_views(
+  seed: int = 0, views: int = 512, tiles: int = 5, channels: int = 256, augment: bool = True
+) -> maps.SparseMap:
   """A training batch: `views` views of `tiles` level-1 tiles, reference augmentation.
 
   Returns:
