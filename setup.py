@@ -32,6 +32,7 @@ setuptools.setup(
     "openslide-python",
     "openslide-bin",
     "tifffile",
+    "h5py",  # TRIDENT / CLAM feature files (import_features)
     "imagecodecs",
     "scikit-learn",
     "matplotlib",
