@@ -3,7 +3,7 @@ r"""Input pipeline throughput: views/s the host prepares, per number of reading 
     python benchmarks/bench_input.py [--workers=0,2,auto] [--batch=256] [--tiles=5]
         [--bank=DIR | --synthetic=1024,8,256,256] [--repeats=7]
 
-Times `data.ViewSampler.local_batch` (slide shuffle, per-slide draws, record
+Times `views.ViewSampler.local_batch` (slide shuffle, per-slide draws, record
 reads and tile gathers: everything the host does per step) on a packed bank,
 median of --repeats steps after one warm-up step, for each --workers value
 (0 = reading threads of this process; auto = sampling.auto_workers). The
@@ -20,8 +20,8 @@ import tempfile
 import time
 
 from gigassl_jax import bank as bank_lib
-from gigassl_jax import data as data_lib
-from gigassl_jax import sampling
+from gigassl_jax import views as views_lib
+from gigassl_jax import sampling, synthetic
 from gigassl_jax.machine import cpu_name
 
 
@@ -44,13 +44,13 @@ def main(argv=None):
     if not bank_dir:
       shape = [int(x) for x in a.synthetic.split(",")]
       t = time.perf_counter()
-      bank_dir = data_lib.make_synthetic_bank(os.path.join(tmp, "bank"), *shape)
+      bank_dir = synthetic.make_synthetic_bank(os.path.join(tmp, "bank"), *shape)
       print(f"# synthetic bank {shape} made in {time.perf_counter() - t:.0f}s", flush=True)
     reader = bank_lib.open_bank(bank_dir)
     rows = []
     for w in a.workers.split(","):
       n = sampling.auto_workers(-1 if w == "auto" else int(w))
-      s = data_lib.ViewSampler(reader, batch_size=a.batch, tiles=a.tiles, seed=0, workers=n)
+      s = views_lib.ViewSampler(reader, batch_size=a.batch, tiles=a.tiles, seed=0, workers=n)
       try:
         s.local_batch(0)  # starts the workers
         times = []

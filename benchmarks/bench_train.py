@@ -35,6 +35,7 @@ import jax
 import numpy as np
 from gigassl_jax.kernels.sparse_conv import api, shapes
 
+from gigassl_jax import checkpoint
 from gigassl_jax import config as config_lib
 from gigassl_jax import train
 from gigassl_jax.machine import cpu_name
@@ -63,9 +64,9 @@ def jax_arm(impl: str, batch: dict, channels: int):
     workdir="-", data_bank="-", model_conv_impl=impl, model_in_features=channels, train_batch_size=b
   )
   mesh = train.make_mesh(jax.local_devices())
-  model = train.build_model(cfg, channels, bn_axis_name=train.AXIS)
-  tx = train.make_optimizer(cfg, train.make_schedule(cfg, 1000, 10))
-  graphdef, state = train.init_state(model, tx)
+  model = checkpoint.build_model(cfg, channels, bn_axis_name=train.AXIS)
+  tx = checkpoint.make_optimizer(cfg, checkpoint.make_schedule(cfg, 1000, 10))
+  graphdef, state = checkpoint.init_state(model, tx)
   step = train.make_train_step(graphdef, cfg, tx, mesh)
   holder = {"state": train.put_replicated(state, mesh)}
   dev_batch = train.put_batch(batch, mesh)
@@ -80,13 +81,13 @@ def jax_arm(impl: str, batch: dict, channels: int):
 
 def quantised_views(batch: dict) -> dict:
   """The JAX step's augmentation + quantisation of both views, as numpy arrays."""
-  from gigassl_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from gigassl_jax import views as views_lib  # pylint: disable=g-import-not-at-top
 
   cfg = train.coord_config(config_lib.Config())
   key = jax.random.key(0)
   out = {}
   for v in range(2):
-    sm = jax.jit(data_lib.make_views, static_argnums=(4, 5))(
+    sm = jax.jit(views_lib.make_views, static_argnums=(4, 5))(
       jax.random.fold_in(key, v),
       batch["xy"][:, v],
       batch["feats"][:, v],

@@ -23,13 +23,9 @@ Reliability:
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import fcntl
-import hashlib
-import io
 import json
-import os
 import pathlib
 import sys
 import time
@@ -37,19 +33,11 @@ import traceback
 
 import numpy as np
 
-from gigassl_jax import augment as augment_lib
 from gigassl_jax import bank as bank_lib
+from gigassl_jax import embed_device, embed_manifest
 from gigassl_jax import slides as slides_lib
-
-# Extensions taken from a directory listing (OpenSlide's formats); files listed
-# explicitly are always tried.
-SLIDE_EXTENSIONS = (
-    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs",
-    ".svslide", ".bif", ".czi", ".dcm",
-)  # fmt: skip
-LIST_EXTENSIONS = (".txt", ".lst", ".csv")
-STATUS_DIR = "status"
-THUMB_DIR = "thumbnails"
+from gigassl_jax.embed_listing import default_shards, list_slides, shard, slide_id
+from gigassl_jax.embed_manifest import THUMB_DIR, manifest, write_manifest, write_status
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,192 +66,12 @@ class EmbedConfig:
 
 
 # --------------------------------------------------------------------------
-# Listing and sharding.
-
-
-def list_slides(spec: str) -> list[pathlib.Path]:
-  """Slide paths from a directory (recursive, by extension), a list file, or a comma list.
-
-  Raises:
-    FileNotFoundError: the directory / list file does not exist.
-    ValueError: two slides with the same id (file stem).
-  """
-  paths: list[pathlib.Path] = []
-  for part in [p for p in spec.split(",") if p.strip()]:
-    p = pathlib.Path(part.strip()).expanduser()
-    if p.is_dir():
-      paths += sorted(
-        q
-        for q in p.rglob("*")
-        if q.is_file() and q.suffix.lower() in SLIDE_EXTENSIONS and not q.name.startswith(".")
-      )
-    elif p.is_file() and p.suffix.lower() in LIST_EXTENSIONS:
-      for line in p.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-          q = pathlib.Path(line).expanduser()
-          paths.append(q if q.is_absolute() else p.parent / q)
-    elif p.exists() or spec.count(",") > 0:
-      paths.append(p)  # a single slide (missing ones fail in the manifest)
-    else:
-      raise FileNotFoundError(f"--slides={spec}: {p} is neither a directory nor a file")
-  seen: dict[str, pathlib.Path] = {}
-  for p in paths:
-    sid = slide_id(p)
-    if sid in seen and seen[sid] != p:
-      raise ValueError(f"two slides share the id {sid!r}: {seen[sid]} and {p}; rename one")
-    seen[sid] = p
-  return [seen[k] for k in sorted(seen)]
-
-
-def slide_id(path: pathlib.Path) -> str:
-  """The id of a slide in the bank: its file name without extension."""
-  return path.stem
-
-
-def default_shards() -> tuple[int, int]:
-  """(num_shards, shard_index) = (JAX process count, JAX process index)."""
-  import jax  # pylint: disable=import-outside-toplevel
-
-  return jax.process_count(), jax.process_index()
-
-
-def shard(paths: list, num_shards: int, shard_index: int) -> list:
-  if not 0 <= shard_index < num_shards:
-    raise ValueError(f"--shard_index={shard_index} not in [0, --num_shards={num_shards})")
-  return paths[shard_index::num_shards]
-
-
-# --------------------------------------------------------------------------
-# Status files and the manifest.
-
-
-def _atomic_write(path: pathlib.Path, data: bytes):
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  tmp.write_bytes(data)
-  os.replace(tmp, path)
-
-
-def _status_path(bank: pathlib.Path, sid: str) -> pathlib.Path:
-  return bank / STATUS_DIR / f"{sid}.json"
-
-
-def write_status(bank: pathlib.Path, record: dict):
-  _atomic_write(_status_path(bank, record["slide_id"]), json.dumps(record, indent=1).encode())
-
-
-def manifest(bank: pathlib.Path, paths: list[pathlib.Path]) -> list[dict]:
-  """One record per listed slide: status done / failed / pending, reason, warnings."""
-  out = []
-  for p in paths:
-    sid = slide_id(p)
-    rec = {"slide_id": sid, "path": str(p), "status": "pending", "reason": "", "warnings": ""}
-    sp = _status_path(bank, sid)
-    if sp.is_file():
-      rec.update(json.loads(sp.read_text()))
-    if bank_lib.is_finished(bank, sid):
-      rec["status"], rec["reason"] = "done", ""
-    elif rec["status"] == "done":  # status says done but the file is gone
-      rec["status"] = "pending"
-    out.append(rec)
-  return out
-
-
-def write_manifest(bank: pathlib.Path, records: list[dict]):
-  """manifest.json (everything) and manifest.csv (one line per slide)."""
-  _atomic_write(bank / "manifest.json", json.dumps(records, indent=1).encode())
-  buf = io.StringIO()
-  cols = ["slide_id", "status", "reason", "warnings", "path", "n_tissue_tiles", "level", "tile_mpp"]
-  w = csv.DictWriter(buf, cols, extrasaction="ignore")
-  w.writeheader()
-  for r in records:
-    w.writerow(r)
-  _atomic_write(bank / "manifest.csv", buf.getvalue().encode())
-
-
-# --------------------------------------------------------------------------
-# Thumbnails.
-
-
-def write_thumbnail(
-  path: pathlib.Path, rgb, mask, mask_ds: float, coords, extent: int, max_side=2048
-):
-  """PNG: the low-resolution image, tissue mask tinted green, kept tiles outlined blue.
-
-  Args:
-    rgb: uint8 [h, w, 3] lowest-level image; mask: bool [h, w].
-    mask_ds: level-0 pixels per image pixel.
-    coords: int32 [N, 2] level-0 (x, y) of the kept tiles; extent: their side.
-  """
-  from PIL import Image, ImageDraw  # pylint: disable=import-outside-toplevel
-
-  tint = rgb.astype(np.float32)
-  tint[mask] = 0.6 * tint[mask] + 0.4 * np.array([0, 200, 0], np.float32)
-  img = Image.fromarray(tint.round().astype(np.uint8))
-  scale = min(1.0, max_side / max(img.size))
-  if scale < 1:
-    img = img.resize((max(1, int(img.width * scale)), max(1, int(img.height * scale))))
-  draw = ImageDraw.Draw(img)
-  f = scale / mask_ds  # level-0 -> thumbnail pixels
-  for x, y in np.asarray(coords):
-    draw.rectangle([x * f, y * f, (x + extent) * f - 1, (y + extent) * f - 1], outline=(0, 0, 255))
-  buf = io.BytesIO()
-  img.save(buf, format="PNG")
-  _atomic_write(path, buf.getvalue())
-
-
-# --------------------------------------------------------------------------
 # One slide.
 
 
-def _slide_seed(sid: str) -> int:
-  """A stable 32-bit hash of the id: draws depend on the slide, not the order."""
-  return int.from_bytes(hashlib.sha256(sid.encode()).digest()[:4], "little")
-
-
-def sample_tiles(n_grid: int, n_aug: int, n_tiles: int, seed: int, sid: str) -> np.ndarray:
-  """Indices into the tissue tile grid, uniform with replacement: int64 [Naug, Nt]."""
-  rng = np.random.default_rng([seed, _slide_seed(sid)])
-  return rng.integers(0, n_grid, size=(n_aug, n_tiles))
-
-
-class _Device:
-  """Places batches on the local devices and runs augment + encode (jitted)."""
-
-  def __init__(self, encoder, cfg: EmbedConfig):
-    import jax  # pylint: disable=import-outside-toplevel
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
-
-    self.jax = jax
-    devices = jax.local_devices()
-    # Split each batch over all local devices (GSPMD), when it divides evenly.
-    if cfg.encode_batch % len(devices) or cfg.n_tiles % len(devices):
-      devices = devices[:1]
-    mesh = Mesh(np.array(devices), ("data",))
-    self.batch_sharding = NamedSharding(mesh, P("data"))
-    self.params = jax.device_put(encoder.params, NamedSharding(mesh, P()))
-    self.encoder = encoder
-    self.aug_cfg = augment_lib.AugmentConfig(out_size=cfg.tile_size)
-    self.encode_batch = cfg.encode_batch
-    self.base_key = jax.random.key(cfg.seed)
-    self.n_devices = len(devices)
-
-  def embed(self, tiles: np.ndarray, sid: str, k: int):
-    """uint8 [Nt, T, T, 3] -> float16 device array [Nt, F] (asynchronous)."""
-    jax = self.jax
-    key = jax.random.fold_in(jax.random.fold_in(self.base_key, _slide_seed(sid)), k)
-    x = jax.device_put(tiles, self.batch_sharding)
-    x = augment_lib.augment(key, x, self.aug_cfg)
-    outs = [
-      self.encoder.apply(self.params, x[i : i + self.encode_batch])
-      for i in range(0, x.shape[0], self.encode_batch)
-    ]
-    feats = outs[0] if len(outs) == 1 else jax.numpy.concatenate(outs)
-    return feats.astype(jax.numpy.float16)
-
-
-def embed_slide(path: pathlib.Path, cfg: EmbedConfig, device: _Device, progress=None) -> dict:
+def embed_slide(
+  path: pathlib.Path, cfg: EmbedConfig, device: embed_device.TileEncoderDevice, progress=None
+) -> dict:
   """Embeds one slide into the bank; returns its status record (raises SlideError)."""
   bank = pathlib.Path(cfg.bank)
   sid = slide_id(path)
@@ -280,13 +88,15 @@ def embed_slide(path: pathlib.Path, cfg: EmbedConfig, device: _Device, progress=
       slide.dimensions, plan.extent, mask, mask_ds, cfg.tissue_tolerance
     )
     if cfg.thumbnails:
-      write_thumbnail(bank / THUMB_DIR / f"{sid}.png", rgb, mask, mask_ds, grid, plan.extent)
+      embed_manifest.write_thumbnail(
+        bank / THUMB_DIR / f"{sid}.png", rgb, mask, mask_ds, grid, plan.extent
+      )
     if len(grid) == 0:
       raise slides_lib.SlideError(
         f"{path}: no tissue: no tile has a tissue fraction > {cfg.tissue_tolerance} "
         f"(tissue mask covers {mask.mean():.2%} of the low-resolution image)"
       )
-    idx = sample_tiles(len(grid), cfg.n_aug, cfg.n_tiles, cfg.seed, sid)
+    idx = embed_device.sample_tiles(len(grid), cfg.n_aug, cfg.n_tiles, cfg.seed, sid)
     coords = grid[idx]  # [Naug, Nt, 2]
     feats = []
     with slides_lib.TileReader(slide, plan, cfg.read_threads) as reader:
@@ -404,7 +214,13 @@ def run(cfg: EmbedConfig) -> dict:
     )  # fmt: skip
   if todo:
     encoder = encoders.get_encoder(cfg.encoder, cfg.weights, seed=cfg.seed)
-    device = _Device(encoder, cfg)
+    device = embed_device.TileEncoderDevice(
+      encoder,
+      encode_batch=cfg.encode_batch,
+      n_tiles=cfg.n_tiles,
+      tile_size=cfg.tile_size,
+      seed=cfg.seed,
+    )
     progress = tqdm(
             total=len(todo) * cfg.n_aug * cfg.n_tiles, unit="tile", unit_scale=True,
             disable=not cfg.progress, dynamic_ncols=True, smoothing=0.1,

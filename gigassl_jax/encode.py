@@ -26,7 +26,7 @@ its random initialisation (the run's config and seed when --workdir is given,
 i.e. the very network training started from), encoded like `gigassl`.
 
 Output: FILE (.npz: ids [N], reps float32 [N, D], method, meta JSON) and
-FILE_ids.csv, written atomically; read them with gigassl_jax.evaluate.
+FILE_ids.csv, written atomically; read them with gigassl_jax.reps.load_reps.
 """
 
 from __future__ import annotations
@@ -205,9 +205,9 @@ def random_pool(in_features: int, seed: int = 0, cfg=None):
   from gigassl_jax import models  # pylint: disable=import-outside-toplevel
 
   if cfg is not None:
-    from gigassl_jax import train  # pylint: disable=import-outside-toplevel
+    from gigassl_jax import checkpoint  # pylint: disable=import-outside-toplevel
 
-    return train.build_model(
+    return checkpoint.build_model(
       cfg.replace(model_init="random"), in_features, seed=cfg.train_seed
     ).pool
   return models.GigaSSL(in_features, rngs=nnx.Rngs(seed)).pool
@@ -230,7 +230,7 @@ def run(
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
 
   from gigassl_jax import bank as bank_lib  # pylint: disable=import-outside-toplevel
-  from gigassl_jax import evaluate  # pylint: disable=import-outside-toplevel
+  from gigassl_jax import reps as reps_lib  # pylint: disable=import-outside-toplevel
 
   if method not in METHODS:
     raise ValueError(f"--method={method!r}: valid methods are {METHODS}")
@@ -253,9 +253,9 @@ def run(
   cfg, cell = None, 224
   pool = None
   if method == "gigassl":
-    from gigassl_jax import train  # pylint: disable=import-outside-toplevel
+    from gigassl_jax import checkpoint  # pylint: disable=import-outside-toplevel
 
-    model, cfg = train.restore_model(workdir)
+    model, cfg = checkpoint.restore_model(workdir)
     pool = model.pool
     meta["workdir"] = str(workdir)
   elif method == "random_init":
@@ -306,7 +306,7 @@ def run(
       f"non-finite representation ({int(bad.sum())} slides)"
     )
   name = method if method == "mean_tiles" or mode == "ensemble" else f"{method} (all tiles)"
-  evaluate.save_reps(out, reader.slide_ids, reps, name, meta)
+  reps_lib.save_reps(out, reader.slide_ids, reps, name, meta)
   return list(reader.slide_ids), reps
 
 

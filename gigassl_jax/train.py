@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import app, flags
 from absl import logging as absl_logging
 from flax import nnx
@@ -38,13 +37,13 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gigassl_jax import bank as bank_lib
+from gigassl_jax import checkpoint as ckpt_lib
 from gigassl_jax import config as config_lib
-from gigassl_jax import data as data_lib
-from gigassl_jax import losses, models, sampling
+from gigassl_jax import views as views_lib
+from gigassl_jax import losses, sampling, synthetic
 from gigassl_jax.sparse import coord_augment
 
 AXIS = "data"
-CKPT_DIR = "checkpoints"
 METRICS = "metrics.jsonl"
 log = pylogging.getLogger("gigassl_jax.train")
 
@@ -56,73 +55,10 @@ class NonFiniteLossError(RuntimeError):
 # ------------------------------------------------------------ building ------
 
 
-def build_model(
-  cfg: config_lib.Config, in_features: int, *, bn_axis_name=None, seed: int | None = None
-) -> models.GigaSSL:
-  """The GigaSSL model of a config (random init, or torchvision layer4)."""
-  model = models.GigaSSL(
-    in_features,
-    conv_impl=cfg.conv_impl,
-    table_builder=cfg.model_table_builder,
-    bn_axis_name=bn_axis_name,
-    rngs=nnx.Rngs(cfg.train_seed if seed is None else seed),
-  )
-  if cfg.model_init == "torchvision":
-    from gigassl_jax import pth  # pylint: disable=g-import-not-at-top
-
-    path = pathlib.Path(cfg.model_weights)
-    if not path.is_file():
-      raise FileNotFoundError(f"--model_weights={path} does not exist")
-    models.load_torchvision_layer4(
-      model.pool, pth.load_state_dict(path), orientation=cfg.model_orientation
-    )
-  return model
-
-
 def make_mesh(devices=None) -> jax.sharding.Mesh:
   """1-D `data` mesh over `devices` (default: all devices of all processes)."""
   devices = jax.devices() if devices is None else list(devices)
   return jax.sharding.Mesh(np.array(devices), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
-
-
-def make_schedule(cfg: config_lib.Config, total_steps: int, steps_per_epoch: int):
-  """Linear warm-up from 0 over optim_warmup_epochs, then cosine decay to final_lr."""
-  warmup = min(round(cfg.optim_warmup_epochs * steps_per_epoch), max(total_steps - 1, 0))
-  return optax.warmup_cosine_decay_schedule(
-    init_value=0.0,
-    peak_value=cfg.lr,
-    warmup_steps=warmup,
-    decay_steps=max(total_steps, warmup + 1),
-    end_value=cfg.optim_final_lr * cfg.train_batch_size / 256.0,
-  )
-
-
-def make_optimizer(cfg: config_lib.Config, schedule) -> optax.GradientTransformation:
-  if cfg.optim_weight_decay > 0:
-    return optax.adamw(
-      schedule,
-      b1=cfg.optim_b1,
-      b2=cfg.optim_b2,
-      eps=cfg.optim_eps,
-      weight_decay=cfg.optim_weight_decay,
-    )
-  return optax.adam(schedule, b1=cfg.optim_b1, b2=cfg.optim_b2, eps=cfg.optim_eps)
-
-
-def init_state(model: models.GigaSSL, tx) -> tuple[nnx.GraphDef, dict]:
-  """Splits the model into (graphdef, train state pytree).
-
-  State: params, batch_stats (BN running statistics), opt_state, step (int32,
-  the number of finished steps).
-  """
-  graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-  state = {
-    "params": params,
-    "batch_stats": stats,
-    "opt_state": tx.init(params),
-    "step": jnp.zeros((), jnp.int32),
-  }
-  return graphdef, state
 
 
 def coord_config(cfg: config_lib.Config) -> coord_augment.CoordAugment:
@@ -146,7 +82,7 @@ def _grads_body(graphdef, cfg: config_lib.Config):
   def body(params, stats, step, batch):
     key = jax.random.fold_in(jax.random.key(cfg.train_seed), step)
     views = [
-      data_lib.make_views(
+      views_lib.make_views(
         jax.random.fold_in(key, v),
         batch["xy"][:, v],
         batch["feats"][:, v],
@@ -198,7 +134,7 @@ def make_train_step(graphdef, cfg: config_lib.Config, tx, mesh):
   """The jitted data-parallel training step `(state, batch) -> (state, metrics)`.
 
   batch (global arrays sharded over `data`): feats [B, 2, T, F], xy int32
-  [B, 2, T, 2], position int32 [B] (see data.ViewSampler.local_batch).
+  [B, 2, T, 2], position int32 [B] (see views.ViewSampler.local_batch).
   metrics: loss (global mean over the 2B anchors), collapse (of the first
   views' projections, whole batch), grad_norm; all replicated scalars.
   """
@@ -247,57 +183,6 @@ def put_batch(local: dict, mesh) -> dict:
 def to_host(x) -> np.ndarray:
   """A replicated (possibly multi-process) array -> numpy."""
   return np.asarray(x.addressable_shards[0].data)
-
-
-# ---------------------------------------------------------- checkpoints -----
-
-
-def checkpoint_manager(workdir, keep: int = 3) -> ocp.CheckpointManager:
-  opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-  return ocp.CheckpointManager(
-    pathlib.Path(workdir).absolute() / CKPT_DIR, options=opts, item_names=("state", "meta")
-  )
-
-
-def _abstract(tree, sharding=None):
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
-
-
-def restore_state(mgr, state, mesh, step=None):
-  """(state, meta) of checkpoint `step` (default latest), replicated on `mesh`."""
-  step = mgr.latest_step() if step is None else step
-  target = _abstract(state, NamedSharding(mesh, P()))
-  got = mgr.restore(
-    step,
-    args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()),
-  )
-  return got["state"], got["meta"]
-
-
-def restore_model(workdir, step: int | None = None):
-  """Rebuilds a trained model from a workdir, for encoding.
-
-  Args:
-    workdir: a training run's directory (config.json + checkpoints/).
-    step: checkpoint step (default: the latest).
-
-  Returns:
-    (model GigaSSL in eval mode, with the checkpoint's parameters and BN running
-    statistics, on the default device; the run's Config).
-  """
-  cfg = config_lib.read(workdir)
-  model = build_model(cfg.replace(model_init="random"), cfg.model_in_features)
-  tx = make_optimizer(cfg, make_schedule(cfg, 1, 1))  # same state structure
-  graphdef, state = init_state(model, tx)
-  mgr = checkpoint_manager(workdir, cfg.train_ckpt_keep)
-  if mgr.latest_step() is None:
-    raise FileNotFoundError(f"no checkpoint in {pathlib.Path(workdir) / CKPT_DIR}")
-  mesh = make_mesh(jax.local_devices()[:1])
-  got, _ = restore_state(mgr, state, mesh, step)
-  mgr.close()
-  model = nnx.merge(graphdef, got["params"], got["batch_stats"])
-  model.eval()
-  return model, cfg
 
 
 # -------------------------------------------------------------- metrics -----
@@ -399,7 +284,7 @@ def open_bank(cfg: config_lib.Config):
     bank_dir = pathlib.Path(cfg.workdir) / "synthetic_bank"
     if jax.process_index() == 0:
       s, k, t, f = cfg.data_synthetic_shape
-      data_lib.make_synthetic_bank(bank_dir, s, k, t, f, seed=cfg.train_seed)
+      synthetic.make_synthetic_bank(bank_dir, s, k, t, f, seed=cfg.train_seed)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
@@ -427,7 +312,7 @@ def run(cfg: config_lib.Config) -> dict:
     raise ValueError(
       f"--train_batch_size={cfg.train_batch_size} is not divisible by the {n_dev} devices"
     )
-  sampler = data_lib.ViewSampler(
+  sampler = views_lib.ViewSampler(
     reader,
     batch_size=cfg.train_batch_size,
     tiles=cfg.data_tiles,
@@ -452,14 +337,16 @@ def run(cfg: config_lib.Config) -> dict:
 
   # --- model, optimiser, state (restored if a checkpoint exists) ----------
   mesh = make_mesh()
-  model = build_model(cfg, reader.feature_dim, bn_axis_name=AXIS if cfg.model_sync_bn else None)
-  schedule = make_schedule(cfg, total, spe)
-  tx = make_optimizer(cfg, schedule)
-  graphdef, state = init_state(model, tx)
-  mgr = checkpoint_manager(workdir, cfg.train_ckpt_keep)
+  model = ckpt_lib.build_model(
+    cfg, reader.feature_dim, bn_axis_name=AXIS if cfg.model_sync_bn else None
+  )
+  schedule = ckpt_lib.make_schedule(cfg, total, spe)
+  tx = ckpt_lib.make_optimizer(cfg, schedule)
+  graphdef, state = ckpt_lib.init_state(model, tx)
+  mgr = ckpt_lib.checkpoint_manager(workdir, cfg.train_ckpt_keep)
   start = 0
   if mgr.latest_step() is not None:
-    state, meta = restore_state(mgr, state, mesh)
+    state, meta = ckpt_lib.restore_state(mgr, state, mesh)
     start = int(meta["step"])
     log.info("resumed from the checkpoint of step %d", start)
   else:
@@ -467,7 +354,7 @@ def run(cfg: config_lib.Config) -> dict:
   train_step = make_train_step(graphdef, cfg, tx, mesh)
 
   # --- loop: prefetch, step, metrics one step behind, checkpoints ---------
-  prefetch = data_lib.Prefetcher(
+  prefetch = views_lib.Prefetcher(
     sampler.local_batch,
     start,
     total,
@@ -492,7 +379,7 @@ def run(cfg: config_lib.Config) -> dict:
       raise NonFiniteLossError(
         f"non-finite loss {vals['loss']} (gradient norm {vals['grad_norm']}) at step "
         f"{step + 1}; the last good checkpoint (step {mgr.latest_step()}) is kept in "
-        f"{workdir / CKPT_DIR}. Lower --optim_base_lr or check the bank."
+        f"{workdir / ckpt_lib.CKPT_DIR}. Lower --optim_base_lr or check the bank."
       )
     now = time.perf_counter()
     if t_log is None:  # the first step includes compilation: not timed
@@ -540,14 +427,11 @@ def run(cfg: config_lib.Config) -> dict:
       if (step + 1) % cfg.train_ckpt_every == 0 or step + 1 == total:
         check(*pending)  # never checkpoint a state after a non-finite step
         pending = None
-        mgr.save(
+        ckpt_lib.save_state(
+          mgr,
           step + 1,
-          args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            meta=ocp.args.JsonSave(
-              {"step": step + 1, "epoch": (step + 1) / spe, "seed": cfg.train_seed}
-            ),
-          ),
+          state,
+          {"step": step + 1, "epoch": (step + 1) / spe, "seed": cfg.train_seed},
         )
     if pending is not None:
       check(*pending)

@@ -19,7 +19,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gigassl_jax import augment, bank, embed, encoders, synthetic
+from gigassl_jax import (
+  augment,
+  bank,
+  embed,
+  embed_device,
+  embed_listing,
+  encoders,
+  slides,
+  synthetic,
+)
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
@@ -98,7 +107,7 @@ def test_bad_inputs_recorded_and_bank_correct(mixed_dir, tmp_path):
   extent = meta["extent"]
   assert extent == 128 and meta["level"] == 0 and meta["mpp"] == 1.0
   enc = encoders.get_encoder("resnet18", seed=3)
-  slide = embed.slides_lib.open_slide(mixed_dir / "aperio.svs")
+  slide = slides.open_slide(mixed_dir / "aperio.svs")
   cfg_aug = augment.AugmentConfig(out_size=TILE)
   for k in range(3):
     emb, coords = r.get(0, k)
@@ -109,7 +118,9 @@ def test_bad_inputs_recorded_and_bank_correct(mixed_dir, tmp_path):
             for x, y in coords
         ])  # fmt: skip
     assert tiles.mean() < 235  # tissue, not glass
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(3), embed._slide_seed("aperio")), k)
+    key = jax.random.fold_in(
+      jax.random.fold_in(jax.random.key(3), embed_device.slide_seed("aperio")), k
+    )
     want = np.asarray(enc.apply(enc.params, augment.augment(key, tiles, cfg_aug)))
     np.testing.assert_allclose(
       emb.astype(np.float32), want, rtol=2e-2, atol=2e-2 * np.abs(want).max()
@@ -190,14 +201,16 @@ def test_shards_pack_when_all_done(good_dir, reference_bank, tmp_path):
 def test_listing(good_dir, tmp_path):
   lst = tmp_path / "list.txt"
   lst.write_text(f"# two slides\n{good_dir / 's1.svs'}\n\n{good_dir / 's0.svs'}\n")
-  assert [p.name for p in embed.list_slides(str(lst))] == ["s0.svs", "s1.svs"]
-  assert [p.name for p in embed.list_slides(f"{good_dir / 's2.svs'},{good_dir / 's3.svs'}")] == [
+  assert [p.name for p in embed_listing.list_slides(str(lst))] == ["s0.svs", "s1.svs"]
+  assert [
+    p.name for p in embed_listing.list_slides(f"{good_dir / 's2.svs'},{good_dir / 's3.svs'}")
+  ] == [
     "s2.svs",
     "s3.svs",
   ]
   (tmp_path / "sub").mkdir()
   shutil.copy(good_dir / "s0.svs", tmp_path / "sub" / "s0.tif")
   with pytest.raises(ValueError, match="share the id 's0'"):
-    embed.list_slides(f"{good_dir},{tmp_path / 'sub'}")
+    embed_listing.list_slides(f"{good_dir},{tmp_path / 'sub'}")
   with pytest.raises(FileNotFoundError, match="nowhere"):
-    embed.list_slides(str(tmp_path / "nowhere"))
+    embed_listing.list_slides(str(tmp_path / "nowhere"))

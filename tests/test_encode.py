@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from gigassl_jax import bank as bank_lib
+from gigassl_jax import checkpoint
 from gigassl_jax import encode
 from gigassl_jax import models
 from gigassl_jax.sparse import maps
@@ -160,9 +161,8 @@ def test_run_rejects_bad_requests(bank, tmp_path):
 
 
 def test_gigassl_method_uses_the_restored_run(bank, pool, tmp_path, monkeypatch):
-  """--method=gigassl encodes with train.restore_model's pooling net and the run's cell."""
+  """--method=gigassl encodes with checkpoint.restore_model's pooling net and the run's cell."""
   from gigassl_jax import config as config_lib
-  from gigassl_jax import train
 
   cfg = config_lib.Config(
     workdir=str(tmp_path), data_bank=str(bank), model_in_features=DIM, data_cell=448
@@ -175,7 +175,7 @@ def test_gigassl_method_uses_the_restored_run(bank, pool, tmp_path, monkeypatch)
     seen.append(workdir)
     return model, cfg
 
-  monkeypatch.setattr(train, "restore_model", restore)
+  monkeypatch.setattr(checkpoint, "restore_model", restore)
   _, g = encode.run(
     str(bank), str(tmp_path / "g.npz"), workdir=str(tmp_path), n_views=4, show_progress=False
   )
@@ -188,7 +188,7 @@ def test_gigassl_method_uses_the_restored_run(bank, pool, tmp_path, monkeypatch)
   assert meta["cell"] == 448 and meta["workdir"] == str(tmp_path)
   # A run trained on other features is refused.
   monkeypatch.setattr(
-    train, "restore_model", lambda w: (model, cfg.replace(model_in_features=DIM + 1))
+    checkpoint, "restore_model", lambda w: (model, cfg.replace(model_in_features=DIM + 1))
   )
   with pytest.raises(ValueError, match=f"trained on {DIM + 1}-d"):
     encode.run(str(bank), str(tmp_path / "h.npz"), workdir=str(tmp_path), show_progress=False)

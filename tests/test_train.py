@@ -15,10 +15,10 @@ import pytest
 from flax import nnx
 
 from gigassl_jax import bank as bank_lib
+from gigassl_jax import checkpoint
 from gigassl_jax import config as config_lib
-from gigassl_jax import data as data_lib
-from gigassl_jax import sampling
-from gigassl_jax import train
+from gigassl_jax import views as views_lib
+from gigassl_jax import sampling, synthetic, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Bank (slides, naug, tiles, dim) and run shared by the tests of this module.
@@ -29,7 +29,7 @@ STEPS, CKPT, BATCH = 10, 2, 8
 @pytest.fixture(scope="module")
 def bank_dir(tmp_path_factory):
   d = tmp_path_factory.mktemp("bank")
-  return data_lib.make_synthetic_bank(d, *SHAPE, seed=int(np.random.default_rng().integers(1000)))
+  return synthetic.make_synthetic_bank(d, *SHAPE, seed=int(np.random.default_rng().integers(1000)))
 
 
 def _cfg(bank, workdir, **kw):
@@ -91,7 +91,7 @@ def reference_run(bank_dir, tmp_path_factory):
 
 def test_sampler_batches_are_epoch_permutations(bank_dir):
   r = bank_lib.open_bank(bank_dir)
-  s = data_lib.ViewSampler(r, batch_size=4, tiles=5, seed=3)
+  s = views_lib.ViewSampler(r, batch_size=4, tiles=5, seed=3)
   assert s.steps_per_epoch == SHAPE[0] // 4
   epoch0 = np.concatenate([s.slides(i) for i in range(s.steps_per_epoch)])
   assert sorted(epoch0.tolist()) == list(range(SHAPE[0]))
@@ -102,7 +102,7 @@ def test_sampler_batches_are_epoch_permutations(bank_dir):
 
 def test_sampler_views_come_from_the_drawn_records(bank_dir):
   r = bank_lib.open_bank(bank_dir)
-  s = data_lib.ViewSampler(r, batch_size=4, tiles=7, seed=1)
+  s = views_lib.ViewSampler(r, batch_size=4, tiles=7, seed=1)
   b = s.local_batch(5)
   assert b["feats"].shape == (4, 2, 7, SHAPE[3]) and b["feats"].dtype == np.float16
   assert b["xy"].shape == (4, 2, 7, 2) and b["xy"].dtype == np.int32
@@ -118,10 +118,10 @@ def test_sampler_views_come_from_the_drawn_records(bank_dir):
 
 def test_sampler_is_a_function_of_step_and_process_shares_concatenate(bank_dir):
   r = bank_lib.open_bank(bank_dir)
-  whole = data_lib.ViewSampler(r, batch_size=8, tiles=5, seed=7).local_batch(3)
-  again = data_lib.ViewSampler(r, batch_size=8, tiles=5, seed=7).local_batch(3)
+  whole = views_lib.ViewSampler(r, batch_size=8, tiles=5, seed=7).local_batch(3)
+  again = views_lib.ViewSampler(r, batch_size=8, tiles=5, seed=7).local_batch(3)
   parts = [
-    data_lib.ViewSampler(
+    views_lib.ViewSampler(
       r, batch_size=8, tiles=5, seed=7, process_index=p, process_count=2
     ).local_batch(3)
     for p in range(2)
@@ -129,15 +129,15 @@ def test_sampler_is_a_function_of_step_and_process_shares_concatenate(bank_dir):
   for k in whole:
     np.testing.assert_array_equal(whole[k], again[k])
     np.testing.assert_array_equal(whole[k], np.concatenate([p[k] for p in parts]))
-  other = data_lib.ViewSampler(r, batch_size=8, tiles=5, seed=7).local_batch(4)
+  other = views_lib.ViewSampler(r, batch_size=8, tiles=5, seed=7).local_batch(4)
   assert not np.array_equal(whole["feats"], other["feats"])
 
 
 def test_worker_processes_read_the_same_views_as_threads(bank_dir):
   """--data_workers > 0 (spawned reader processes) changes speed, never the views."""
   r = bank_lib.open_bank(bank_dir)
-  threads = data_lib.ViewSampler(r, batch_size=8, tiles=5, seed=11, read_threads=3)
-  procs = data_lib.ViewSampler(r, batch_size=8, tiles=5, seed=11, workers=3)
+  threads = views_lib.ViewSampler(r, batch_size=8, tiles=5, seed=11, read_threads=3)
+  procs = views_lib.ViewSampler(r, batch_size=8, tiles=5, seed=11, workers=3)
   try:
     for step in (0, 5):
       a, b = threads.local_batch(step), procs.local_batch(step)
@@ -153,7 +153,7 @@ def test_worker_processes_read_the_same_views_as_threads(bank_dir):
 def test_sampler_rejects_batch_larger_than_bank(bank_dir):
   r = bank_lib.open_bank(bank_dir)
   with pytest.raises(ValueError, match="exceeds the 16 slides"):
-    data_lib.ViewSampler(r, batch_size=32, tiles=5, seed=0)
+    views_lib.ViewSampler(r, batch_size=32, tiles=5, seed=0)
 
 
 def test_prefetcher_order_and_errors():
@@ -165,13 +165,13 @@ def test_prefetcher_order_and_errors():
       raise OSError("disk gone")
     return step * 10
 
-  p = data_lib.Prefetcher(make, 2, 6, depth=2)
+  p = views_lib.Prefetcher(make, 2, 6, depth=2)
   assert p.get(2) == 20 and p.get(3) == 30
   with pytest.raises(RuntimeError, match="step 4 failed: disk gone"):
     p.get(4)
   p.close()
   with pytest.raises(RuntimeError, match="expected"):
-    data_lib.Prefetcher(lambda s: s, 0, 3).get(1)
+    views_lib.Prefetcher(lambda s: s, 0, 3).get(1)
 
 
 def test_make_views_augments_per_position_not_per_device():
@@ -180,7 +180,7 @@ def test_make_views_augments_per_position_not_per_device():
   feats = rng.normal(size=(6, 5, 4)).astype(np.float32)
   cfg = train.coord_config(config_lib.Config())
   key = jax.random.key(0)
-  make_views = jax.jit(data_lib.make_views, static_argnums=(4, 5))
+  make_views = jax.jit(views_lib.make_views, static_argnums=(4, 5))
   full = make_views(key, xy, feats, jnp.arange(6), cfg, 224)
   half = make_views(key, xy[3:], feats[3:], jnp.arange(3, 6), cfg, 224)
   np.testing.assert_array_equal(full.coords[3:], half.coords)
@@ -217,7 +217,7 @@ def _batch(rng, b, t, f):
 def test_eight_device_step_equals_one_device_step():
   rng = np.random.default_rng()
   cfg = config_lib.Config(workdir="x", data_bank="x", model_in_features=32, train_seed=5)
-  model = train.build_model(cfg, 32, bn_axis_name=train.AXIS)
+  model = checkpoint.build_model(cfg, 32, bn_axis_name=train.AXIS)
   graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   batch = _batch(rng, 16, 5, 32)
   outs = []
@@ -265,7 +265,7 @@ def test_run_writes_metrics_checkpoints_and_restores(reference_run):
   cfg = config_lib.read(wd)
   assert cfg.model_in_features == SHAPE[3] and cfg.train_steps == STEPS
   assert (wd / config_lib.FLAGS_TXT).read_text().count("--data_bank=") == 1
-  model, cfg2 = train.restore_model(wd)
+  model, cfg2 = checkpoint.restore_model(wd)
   assert cfg2 == cfg
   rng = np.random.default_rng()
   from gigassl_jax.sparse import maps
@@ -280,7 +280,7 @@ def test_run_writes_metrics_checkpoints_and_restores(reference_run):
   rep1, _ = model(jax.tree.map(lambda x: x[:1], sm))
   np.testing.assert_allclose(rep1[0], rep[0], rtol=1e-5, atol=1e-6)
   # the restored parameters are the trained ones, not a fresh initialisation
-  fresh = train.build_model(cfg, SHAPE[3])
+  fresh = checkpoint.build_model(cfg, SHAPE[3])
   assert not np.allclose(fresh.pool.b1_conv2.weight[...], model.pool.b1_conv2.weight[...])
 
 
@@ -288,7 +288,7 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_checkpoint(bank_dir, tmp
   cfg = _cfg(bank_dir, tmp_path, loss_temperature=1e-38, train_steps=3)
   with pytest.raises(train.NonFiniteLossError, match="at step 1"):
     train.run(cfg)
-  assert not list((tmp_path / train.CKPT_DIR).glob("[0-9]*"))
+  assert not list((tmp_path / checkpoint.CKPT_DIR).glob("[0-9]*"))
 
 
 def test_killed_run_resumes_to_the_same_parameters(bank_dir, reference_run, tmp_path):
@@ -302,7 +302,7 @@ def test_killed_run_resumes_to_the_same_parameters(bank_dir, reference_run, tmp_
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
   )
   proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-  ckpt = tmp_path / "run" / train.CKPT_DIR
+  ckpt = tmp_path / "run" / checkpoint.CKPT_DIR
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:
     if (ckpt / str(CKPT)).is_dir():  # orbax renames a finished checkpoint into place
@@ -319,8 +319,8 @@ def test_killed_run_resumes_to_the_same_parameters(bank_dir, reference_run, tmp_
   assert "resumed from the checkpoint of step" in res.stderr
   ref_losses, got_losses = _losses(ref_wd), _losses(tmp_path / "run")
   assert got_losses == ref_losses  # bit-for-bit on CPU
-  m_ref, _ = train.restore_model(ref_wd)
-  m_got, _ = train.restore_model(tmp_path / "run")
+  m_ref, _ = checkpoint.restore_model(ref_wd)
+  m_got, _ = checkpoint.restore_model(tmp_path / "run")
   for a, b in zip(jax.tree.leaves(nnx.state(m_ref)), jax.tree.leaves(nnx.state(m_got))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -431,11 +431,11 @@ def test_model_init_from_a_torchvision_pth(tmp_path):
   cfg = config_lib.Config(
     workdir="x", data_bank="x", model_init="torchvision", model_weights=str(path)
   )
-  model = train.build_model(cfg, 256)
+  model = checkpoint.build_model(cfg, 256)
   w = sd["layer4.1.conv2.weight"].numpy()  # [out, in, kh, kw]; natural: tap 3*kw + kh
   np.testing.assert_array_equal(model.pool.b1_conv2.weight[...][3 * 2 + 1], w[:, :, 1, 2].T)
   np.testing.assert_array_equal(
     model.pool.b0_normd.var[...], sd["layer4.0.downsample.1.running_var"].numpy()
   )
   with pytest.raises(FileNotFoundError, match="does not exist"):
-    train.build_model(cfg.replace(model_weights=str(tmp_path / "none.pth")), 256)
+    checkpoint.build_model(cfg.replace(model_weights=str(tmp_path / "none.pth")), 256)

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 from gigassl_jax import config as config_lib
-from gigassl_jax import data as data_lib
+from gigassl_jax import synthetic
 from gigassl_jax import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ def _step2_tolerance(ref):
 
 @pytest.mark.parametrize("seed", [11])
 def test_two_processes_match_one_process(tmp_path, seed):
-  bank = data_lib.make_synthetic_bank(tmp_path / "bank", 16, 3, 12, 32, seed=seed)
+  bank = synthetic.make_synthetic_bank(tmp_path / "bank", 16, 3, 12, 32, seed=seed)
   common = {
     "train_batch_size": BATCH,
     "train_steps": STEPS,

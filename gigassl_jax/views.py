@@ -17,7 +17,6 @@ of every global batch.
 
 from __future__ import annotations
 
-import pathlib
 import queue
 import threading
 
@@ -25,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gigassl_jax import bank as bank_lib
 from gigassl_jax import sampling
 from gigassl_jax.sparse import coord_augment, maps
 
@@ -181,36 +179,3 @@ def make_views(key, xy, feats, position, cfg: coord_augment.CoordAugment, cell: 
   aug = jax.vmap(lambda k, p, m: coord_augment.augment_view(k, p, m, cfg))(keys, xy, valid)
   grid = maps.quantize(aug, valid, cell)
   return maps.from_grid(grid, feats.astype(jnp.float32), valid)
-
-
-# ------------------------------------------------------------- synthetic ----
-
-
-def make_synthetic_bank(
-  bank_dir, n_slides: int, n_aug: int, n_tiles: int, dim: int, seed: int = 0
-) -> pathlib.Path:
-  """A small random bank with the real bank's format (for smoke runs and tests).
-
-  Each slide has its own mean embedding (so slides are distinguishable, and a
-  contrastive loss has something to learn); each augmentation perturbs it, and
-  the tiles sit on a level-0 grid of pitch 896 (level-1 tiles, 4 cells apart).
-  Idempotent: an already packed bank is left alone.
-  """
-  bank_dir = pathlib.Path(bank_dir)
-  if (bank_dir / bank_lib.PACKED_DIR / "dataset_info.json").is_file():
-    return bank_dir
-  rng = np.random.default_rng(seed)
-  meta = {"encoder": "synthetic", "weights_id": "random", "level": 1, "tile_size": 224}
-  for s in range(n_slides):
-    centre = 0.5 * rng.normal(size=(1, 1, dim))
-    emb = centre + rng.normal(size=(n_aug, n_tiles, dim))
-    h, w = rng.integers(4, 40, size=2)
-    cells = rng.choice(h * w, size=min(n_tiles, h * w), replace=False)
-    cells = np.resize(cells, n_tiles)
-    xy = np.stack([cells % w, cells // w], -1) * 896 + rng.integers(0, 10**5, size=2)
-    coords = np.broadcast_to(xy, (n_aug, n_tiles, 2)).copy()
-    for k in range(n_aug):  # each augmentation draws its own tiles
-      coords[k] = coords[k][rng.permutation(n_tiles)]
-    bank_lib.write_slide(bank_dir, f"synthetic_{s:05d}", emb.astype(np.float16), coords, meta)
-  bank_lib.pack(bank_dir)
-  return bank_dir
