@@ -14,7 +14,7 @@ bottleneck). All rates use batches of `n_tiles` tiles of 224 x 224.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import os
 import pathlib
 import shutil
@@ -26,7 +26,7 @@ import warnings
 import jax
 import numpy as np
 
-from gigassl_jax import augment, embed, encoders, slides, synthetic
+from gigassl_jax import augment, cli, embed, encoders, slides, synthetic
 
 
 def _median_rate(fn, n_items: int, repeats: int) -> float:
@@ -48,17 +48,25 @@ def _slide(path: pathlib.Path) -> pathlib.Path:
   return path
 
 
-def main():
-  ap = argparse.ArgumentParser(
-    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+@dataclasses.dataclass(frozen=True)
+class BenchEmbedConfig:
+  """The flags of this script."""
+
+  encoders: tuple[str, ...] = cli.field(
+    ("resnet18", "efficientnet_lite0"), "Tile encoders timed (comma list)."
   )
-  ap.add_argument("--encoders", default="resnet18,efficientnet_lite0")
-  ap.add_argument("--n_tiles", type=int, default=256)
-  ap.add_argument("--repeats", type=int, default=3)
-  ap.add_argument("--e2e_aug", type=int, default=4, help="augmentations in the end-to-end run")
-  ap.add_argument("--slide", default="/tmp/bench_40k.svs")
-  ap.add_argument("--read_threads", type=int, default=None)
-  args = ap.parse_args()
+  n_tiles: int = cli.field(256, "Tiles per timed batch.")
+  repeats: int = cli.field(3, "Timed rounds per stage (median).")
+  e2e_aug: int = cli.field(4, "Augmentations in the end-to-end run.")
+  slide: str = cli.field(
+    "/tmp/bench_40k.svs", "The synthetic 40k x 40k slide (written if missing)."
+  )
+  read_threads: int | None = cli.field(None, "Tile-reading threads (default: slides.TileReader's).")
+
+
+def main(argv):
+  del argv
+  args = cli.from_flags(BenchEmbedConfig)
   warnings.simplefilter("ignore")  # the random-init resnet18 warning, once per build
 
   path = _slide(pathlib.Path(args.slide))
@@ -96,7 +104,7 @@ def main():
   images = augment.augment(jax.random.key(1), tiles)
 
   # Encoders alone, then end to end.
-  for name in args.encoders.split(","):
+  for name in args.encoders:
     enc = encoders.get_encoder(name)
     enc_rate = _median_rate(
       lambda: enc.apply(enc.params, images).block_until_ready(), n, args.repeats
@@ -134,4 +142,5 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  cli.define_flags(BenchEmbedConfig)
+  cli.run(main)

@@ -23,6 +23,7 @@ when other jobs share the cores.
 """
 
 import copy
+import dataclasses
 import datetime
 import os
 import sys
@@ -30,30 +31,28 @@ import tempfile
 import time
 import warnings
 
-from absl import app
-from absl import flags
 import jax
 import numpy as np
 
-from gigassl_jax import encoders
+from gigassl_jax import cli, encoders
 from gigassl_jax.machine import cpu_name as _cpu_name
 
-_ENCODERS = flags.DEFINE_list("encoders", ["resnet18", "efficientnet_lite0"], "Encoders to time.")
-_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["4", "16", "64"], "Tiles per call.")
-_REPEATS = flags.DEFINE_integer(
-  "repeats", 7, "Timed rounds per (encoder, batch size), after one warm-up."
-)
-_TILE = flags.DEFINE_integer("tile_size", 224, "Tile side in pixels.")
-_TORCH_THREADS = flags.DEFINE_integer(
-  "torch_threads", 0, "torch.set_num_threads; 0 = number of CPUs."
-)
-_OMP_PASSIVE = flags.DEFINE_bool(
-  "omp_passive",
-  True,
-  "Set OMP_WAIT_POLICY=PASSIVE for PyTorch (unless already set): on a shared machine its spinning "
-  "OpenMP threads otherwise slow it down by up to 10x whenever another process runs.",
-)
-_OUT = flags.DEFINE_string("out", None, "Write the results as a Markdown file here (atomically).")
+
+@dataclasses.dataclass(frozen=True)
+class BenchEncoderConfig:
+  """The flags of this script."""
+
+  encoders: tuple[str, ...] = cli.field(("resnet18", "efficientnet_lite0"), "Encoders to time.")
+  batch_sizes: tuple[int, ...] = cli.field((4, 16, 64), "Tiles per call.")
+  repeats: int = cli.field(7, "Timed rounds per (encoder, batch size), after one warm-up.")
+  tile_size: int = cli.field(224, "Tile side in pixels.")
+  torch_threads: int = cli.field(0, "torch.set_num_threads; 0 = number of CPUs.")
+  omp_passive: bool = cli.field(
+    True,
+    "Set OMP_WAIT_POLICY=PASSIVE for PyTorch (unless already set): on a shared machine its "
+    "spinning OpenMP threads otherwise slow it down by up to 10x whenever another process runs.",
+  )
+  out: str | None = cli.field(None, "Write the results as a Markdown file here (atomically).")
 
 
 # ----------------------------------------------------------------------------
@@ -184,10 +183,10 @@ def _time(fn):
   return time.perf_counter() - t, time.process_time() - c
 
 
-def _measure(torch, name, batch, tmpdir):
+def _measure(torch, name, batch, tmpdir, cfg: BenchEncoderConfig):
   enc, torch_plain, torch_folded = _build(torch, name, tmpdir)
   rng = np.random.default_rng(0)
-  images = rng.random((batch, _TILE.value, _TILE.value, 3), dtype=np.float32)
+  images = rng.random((batch, cfg.tile_size, cfg.tile_size, 3), dtype=np.float32)
   x_jax = jax.device_put(images)
   x_torch = torch.from_numpy(images)
   runs = {
@@ -202,7 +201,7 @@ def _measure(torch, name, batch, tmpdir):
       for k in ("torch", "torch_folded")
     )
     times = {k: [] for k in runs}
-    for _ in range(_REPEATS.value):
+    for _ in range(cfg.repeats):
       for k, run in runs.items():
         times[k].append(_time(run))
   t = {k: np.array([w for w, _ in v]) for k, v in times.items()}
@@ -220,12 +219,13 @@ def _measure(torch, name, batch, tmpdir):
 
 def main(argv):
   del argv
+  cfg = cli.from_flags(BenchEncoderConfig)
   warnings.simplefilter("ignore", UserWarning)
-  if _OMP_PASSIVE.value:
+  if cfg.omp_passive:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch loads libgomp
   import torch  # pylint: disable=g-import-not-at-top
 
-  torch.set_num_threads(_TORCH_THREADS.value or os.cpu_count())
+  torch.set_num_threads(cfg.torch_threads or os.cpu_count())
   cpu = _cpu_name()
   device = f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}"
   print(
@@ -240,9 +240,9 @@ def main(argv):
   rows = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
   print(header)
   with tempfile.TemporaryDirectory() as tmpdir:
-    for name in _ENCODERS.value:
-      for batch in (int(b) for b in _BATCH_SIZES.value):
-        r = _measure(torch, name, batch, tmpdir)
+    for name in cfg.encoders:
+      for batch in cfg.batch_sizes:
+        r = _measure(torch, name, batch, tmpdir, cfg)
         row = (
           f"| {r['encoder']} | {r['batch']} | {r['jax']:.1f} | {r['torch']:.1f} | {r['torch_folded']:.1f} | "
           f"{r['ratio']:.2f}x | {r['ratio_folded']:.2f}x | "
@@ -250,7 +250,7 @@ def main(argv):
         )
         rows.append(row)
         print(row, flush=True)
-  if _OUT.value:
+  if cfg.out:
     text = "\n".join(
       [
         "# Tile-encoder throughput (encoder only)",
@@ -260,7 +260,7 @@ def main(argv):
         f"torch {torch.__version__} with {torch.get_num_threads()} threads",
         f"- command: `{' '.join(['python', *sys.argv])}`"
         + (f" with `XLA_FLAGS={os.environ['XLA_FLAGS']}`" if os.environ.get("XLA_FLAGS") else ""),
-        f"- {_TILE.value} x {_TILE.value} random tiles; median of {_REPEATS.value} rounds after one warm-up; each "
+        f"- {cfg.tile_size} x {cfg.tile_size} random tiles; median of {cfg.repeats} rounds after one warm-up; each "
         "round times JAX, PyTorch and PyTorch BN-folded back to back; ratio = median of per-round ratios.",
         "- PyTorch: same weights, CPU, channels_last, torch.inference_mode; once as the plain eval-mode "
         "network (BN modules) and once with BN folded into the convs (as the JAX encoder does); "
@@ -274,13 +274,14 @@ def main(argv):
         "",
       ]
     )
-    tmp = _OUT.value + ".tmp"
-    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+    tmp = cfg.out + ".tmp"
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     with open(tmp, "w") as f:
       f.write(text)
-    os.replace(tmp, _OUT.value)
-    print(f"wrote {_OUT.value}")
+    os.replace(tmp, cfg.out)
+    print(f"wrote {cfg.out}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.define_flags(BenchEncoderConfig)
+  cli.run(main)

@@ -13,42 +13,48 @@ device views/s to see which side bounds training.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import os
 import statistics
 import tempfile
 import time
 
 from gigassl_jax import bank as bank_lib
+from gigassl_jax import cli
 from gigassl_jax import views as views_lib
 from gigassl_jax import sampling, synthetic
 from gigassl_jax.machine import cpu_name
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--workers", default="0,auto", help="comma list of ints or 'auto'")
-  p.add_argument("--batch", type=int, default=256)
-  p.add_argument("--tiles", type=int, default=5)
-  p.add_argument("--bank", default="", help="a bank directory (default: a synthetic one)")
-  p.add_argument(
-    "--synthetic",
-    default="1024,8,256,256",
-    help="slides,naug,tiles,dim of the synthetic bank (256 x 256 float16 "
-    "= the reference's 128 KB records)",
+@dataclasses.dataclass(frozen=True)
+class BenchInputConfig:
+  """The flags of this script."""
+
+  workers: tuple[str, ...] = cli.field(("0", "auto"), "Comma list of --data_workers: ints or auto.")
+  batch: int = cli.field(256, "Slides per step (2 views each).")
+  tiles: int = cli.field(5, "T, tiles per view.")
+  bank: str = cli.field("", "A bank directory (default: a synthetic one).")
+  synthetic: tuple[int, int, int, int] = cli.field(
+    (1024, 8, 256, 256),
+    "slides,naug,tiles,dim of the synthetic bank (256 x 256 float16 = the reference's 128 KB "
+    "records).",
   )
-  p.add_argument("--repeats", type=int, default=7)
-  a = p.parse_args(argv)
+  repeats: int = cli.field(7, "Timed steps per row (median).")
+
+
+def main(argv):
+  del argv
+  a = cli.from_flags(BenchInputConfig)
   with tempfile.TemporaryDirectory() as tmp:
     bank_dir = a.bank
     if not bank_dir:
-      shape = [int(x) for x in a.synthetic.split(",")]
+      shape = list(a.synthetic)
       t = time.perf_counter()
       bank_dir = synthetic.make_synthetic_bank(os.path.join(tmp, "bank"), *shape)
       print(f"# synthetic bank {shape} made in {time.perf_counter() - t:.0f}s", flush=True)
     reader = bank_lib.open_bank(bank_dir)
     rows = []
-    for w in a.workers.split(","):
+    for w in a.workers:
       n = sampling.auto_workers(-1 if w == "auto" else int(w))
       s = views_lib.ViewSampler(reader, batch_size=a.batch, tiles=a.tiles, seed=0, workers=n)
       try:
@@ -76,4 +82,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  cli.define_flags(BenchInputConfig)
+  cli.run(main)

@@ -22,7 +22,7 @@ reference code runs 110 views/s at batch 256 on this kind of 2-core CPU.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -35,7 +35,7 @@ import jax
 import numpy as np
 from gigassl_jax.kernels.sparse_conv import api, shapes
 
-from gigassl_jax import checkpoint
+from gigassl_jax import checkpoint, cli
 from gigassl_jax import config as config_lib
 from gigassl_jax import train
 from gigassl_jax.machine import cpu_name
@@ -177,28 +177,30 @@ def torch_child(
   print(json.dumps(times))
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--batch", type=int, default=256, help="slides per step (2 views each)")
-  p.add_argument("--tiles", type=int, default=5)
-  p.add_argument("--channels", type=int, default=256)
-  p.add_argument("--repeats", type=int, default=5)
-  p.add_argument("--impls", default="", help="comma list (default: all for this backend)")
-  p.add_argument(
-    "--torch_threads",
-    type=int,
-    default=1,
-    help="1: spconv on this 2-core CPU ran ~10x slower with 2 (measured)",
+@dataclasses.dataclass(frozen=True)
+class BenchTrainConfig:
+  """The flags of this script."""
+
+  batch: int = cli.field(256, "Slides per step (2 views each).")
+  tiles: int = cli.field(5, "T, tiles per view.")
+  channels: int = cli.field(256, "Tile-embedding channels.")
+  repeats: int = cli.field(5, "Timed rounds (median).")
+  impls: tuple[str, ...] = cli.field((), "Comma list (default: all for this backend).")
+  torch_threads: int = cli.field(
+    1, "1: spconv on this 2-core CPU ran ~10x slower with 2 (measured)."
   )
-  p.add_argument(
-    "--torch_device",
-    default="auto",
+  torch_device: str = cli.field(
+    "auto",
+    "auto: cuda when JAX runs on a GPU (the peer on the same card).",
     choices=("auto", "cpu", "cuda"),
-    help="auto: cuda when JAX runs on a GPU (the peer on the same card)",
   )
-  p.add_argument("--no_torch", action="store_true")
-  p.add_argument("--torch_child", default="", help=argparse.SUPPRESS)
-  a = p.parse_args(argv)
+  no_torch: bool = cli.field(False, "Skip the PyTorch + spconv arm.")
+  torch_child: str = cli.field("", "(internal) run the torch arm on this views file.")
+
+
+def main(argv):
+  del argv
+  a = cli.from_flags(BenchTrainConfig)
   if a.torch_child:  # the parent names the device: no JAX backend starts here
     torch_child(a.torch_child, a.channels, a.torch_threads, a.repeats, a.torch_device)
     return
@@ -207,7 +209,7 @@ def main(argv=None):
   if torch_device == "auto":
     torch_device = "cuda" if backend == "gpu" else "cpu"
   impls = (
-    a.impls.split(",")
+    list(a.impls)
     if a.impls
     else [
       n for n in api.IMPLEMENTATIONS if n not in SKIP and BACKEND_ONLY.get(n, backend) == backend
@@ -272,4 +274,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  cli.define_flags(BenchTrainConfig)
+  cli.run(main)

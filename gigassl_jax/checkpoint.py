@@ -26,18 +26,29 @@ from gigassl_jax import config as config_lib
 from gigassl_jax import models
 
 CKPT_DIR = "checkpoints"
+# PRNG streams of a run, each its own fold_in of --train_seed's key, so no two
+# uses share a key (parameter init, and the on-device view augmentation keyed
+# by step; the host-side view sampling has its own numpy streams in sampling).
+INIT_STREAM, AUGMENT_STREAM = 1, 2
+
+
+def stream_key(seed: int, stream: int) -> jax.Array:
+  """The key of one PRNG stream of a run: fold_in(key(seed), stream)."""
+  return jax.random.fold_in(jax.random.key(seed), stream)
 
 
 def build_model(
   cfg: config_lib.Config, in_features: int, *, bn_axis_name=None, seed: int | None = None
 ) -> models.GigaSSL:
-  """The GigaSSL model of a config (random init, or torchvision layer4)."""
+  """The GigaSSL model of a config (random init from the init stream, or torchvision layer4)."""
   model = models.GigaSSL(
     in_features,
     conv_impl=cfg.conv_impl,
     table_builder=cfg.model_table_builder,
     bn_axis_name=bn_axis_name,
-    rngs=nnx.Rngs(cfg.train_seed if seed is None else seed),
+    rngs=nnx.Rngs(stream_key(cfg.train_seed if seed is None else seed, INIT_STREAM)),
+    # Only passed when set, so this runs on a models.GigaSSL without the keyword.
+    **({} if cfg.model_precision == "default" else {"precision": cfg.model_precision}),
   )
   if cfg.model_init == "torchvision":
     from gigassl_jax import pth  # pylint: disable=g-import-not-at-top
@@ -59,7 +70,7 @@ def make_schedule(cfg: config_lib.Config, total_steps: int, steps_per_epoch: int
     peak_value=cfg.lr,
     warmup_steps=warmup,
     decay_steps=max(total_steps, warmup + 1),
-    end_value=cfg.optim_final_lr * cfg.train_batch_size / 256.0,
+    end_value=cfg.optim_final_lr,  # as given: only the peak scales with the batch
   )
 
 

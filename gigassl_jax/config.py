@@ -1,7 +1,9 @@
 """Training flags (absl, grouped by prefix) -> one frozen `Config`.
 
-This is the only module that reads flags. Everything else takes a `Config` (or
-plain arguments), so the model and the training step can be used without absl.
+`Config` is the one source of every flag: each field carries its default and
+help, and `define_flags` / `from_flags` generate the absl flags from it
+(gigassl_jax.cli). Everything else takes a `Config` (or plain arguments), so
+the model and the training step can be used without absl.
 
 Groups: --data_* (bank and view sampling), --model_* (pooling net), --loss_*
 (NT-Xent), --optim_* (Adam and schedule), --train_* (loop, checkpoints,
@@ -19,7 +21,7 @@ import json
 import os
 import pathlib
 
-from absl import flags
+from gigassl_jax import cli
 
 from gigassl_jax.kernels.sparse_conv import api as conv_api
 from gigassl_jax.sparse import tables
@@ -28,60 +30,130 @@ CONFIG_JSON = "config.json"
 FLAGS_TXT = "flags.txt"
 # Bank spec meaning "make a small random bank in <workdir>/synthetic_bank".
 SYNTHETIC = "synthetic"
+# Matmul precisions of --model_precision (names of jax.lax.Precision).
+PRECISIONS = ("default", "high", "highest")
+# Flags that do not change what a run computes: a resume may change them freely.
+RESUME_FREE = frozenset({
+  "workdir", "data_prefetch", "data_read_threads", "data_workers", "model_conv_impl",
+  "model_table_builder", "train_log_every", "train_ckpt_every", "train_ckpt_keep",
+  "train_progress", "train_allow_changed_flags", "dist_init", "dist_coordinator",
+  "dist_num_processes", "dist_process_id", "dist_cpu_collectives",
+})  # fmt: skip
+F = cli.field
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
   """Every training setting; field names are the flag names."""
 
-  workdir: str = ""
+  workdir: str = F("", "Run directory: checkpoints, metrics, config.", required=True)
   # data
-  data_bank: str = ""
-  data_tiles: int = 5
-  data_cell: int = 224
-  data_translate: bool = True
-  data_rotate: bool = True
-  data_flip: bool = True
-  data_scale: bool = True
-  data_scale_range: tuple[float, float] = (0.7, 1.3)
-  data_prefetch: int = 2
-  data_read_threads: int = 8
-  data_workers: int = -1  # -1 = auto (sampling.auto_workers)
-  data_synthetic_shape: tuple[int, int, int, int] = (64, 4, 32, 32)
+  data_bank: str = F(
+    "",
+    "Embedding bank directory, or 'synthetic' for a small random bank "
+    "made in <workdir>/synthetic_bank (shape from --data_synthetic_shape).",
+    required=True,
+  )
+  data_tiles: int = F(5, "T: tiles per view (with replacement).")
+  data_cell: int = F(224, "Level-0 pixels per grid cell.")
+  data_translate: bool = F(True, "Random translation of a view's positions.")
+  data_rotate: bool = F(True, "Random rotation (uniform angle).")
+  data_flip: bool = F(True, "Random +-1 flip per axis.")
+  data_scale: bool = F(True, "Random per-axis scale in --data_scale_range.")
+  data_scale_range: tuple[float, float] = F((0.7, 1.3), "low,high of the per-axis scale.")
+  data_prefetch: int = F(2, "Steps of views prepared ahead in a background thread.")
+  data_read_threads: int = F(8, "Threads reading bank records (when --data_workers=0).")
+  data_workers: int = F(
+    -1,
+    "Processes reading bank records; 0 = threads of the training process; -1 = auto "
+    "(cores - 2, at most 32, on a machine with >= 8 cores, else 0).",
+  )
+  data_synthetic_shape: tuple[int, int, int, int] = F(
+    (64, 4, 32, 32), "slides,naug,tiles,dim of the bank made for --data_bank=synthetic."
+  )
   # model
-  model_in_features: int = 0  # 0 = the bank's feature dimension
-  model_conv_impl: str = "auto"
-  model_table_builder: str = tables.DEFAULT_BUILDER
-  model_sync_bn: bool = True
-  model_init: str = "random"
-  model_weights: str = ""
-  model_orientation: str = "natural"
+  model_in_features: int = F(0, "Input channels of the pooling net; 0 = the bank's feature dim.")
+  model_conv_impl: str = F(
+    "auto",
+    "Sparse-conv kernel (kernels/sparse_conv); auto = backend default.",
+    choices=["auto"] + sorted(conv_api.IMPLEMENTATIONS),
+  )
+  model_table_builder: str = F(
+    tables.DEFAULT_BUILDER, "Neighbour-table builder.", choices=list(tables.BUILDERS)
+  )
+  model_sync_bn: bool = F(
+    True, "BN statistics over all devices (False = per device, the reference)."
+  )
+  model_init: str = F(
+    "random",
+    "random, or layer4 of a torchvision/MoCo ResNet18 .pth (--model_weights).",
+    choices=["random", "torchvision"],
+  )
+  model_weights: str = F("", "ResNet18 .pth for --model_init=torchvision.")
+  model_orientation: str = F(
+    "natural",
+    "How 3x3 ImageNet kernels map to sparse taps (see models.py).",
+    choices=["natural", "reference"],
+  )
+  model_precision: str = F(
+    "default",
+    "Matmul precision of the pooling net and projector (jax.lax.Precision): default "
+    "(TF32 on recent GPUs, bfloat16 passes on TPU; exact float32 on CPU), high, highest.",
+    choices=PRECISIONS,
+  )
   # loss
-  loss_temperature: float = 0.05
-  loss_negatives: str = "global"
+  loss_temperature: float = F(0.05, "NT-Xent temperature tau.")
+  loss_negatives: str = F(
+    "global",
+    "Negatives from all devices and hosts, or this device only (reference).",
+    choices=["global", "local"],
+  )
   # optimiser
-  optim_base_lr: float = 0.03
-  optim_warmup_epochs: float = 10.0
-  optim_final_lr: float = 0.0
-  optim_b1: float = 0.9
-  optim_b2: float = 0.999
-  optim_eps: float = 1e-8
-  optim_weight_decay: float = 0.0
+  optim_base_lr: float = F(0.03, "Peak learning rate = base_lr x batch / 256.")
+  optim_warmup_epochs: float = F(10.0, "Linear warm-up epochs.")
+  optim_final_lr: float = F(
+    0.0,
+    "Learning rate at the end of the cosine decay, as given (not scaled by batch / 256 "
+    "like --optim_base_lr).",
+  )
+  optim_b1: float = F(0.9, "Adam beta1.")
+  optim_b2: float = F(0.999, "Adam beta2.")
+  optim_eps: float = F(
+    1e-8,
+    "Adam epsilon (1e-8 = torch and optax default). Adam's first step is\n"
+    "lr x g / (|g| + eps): a large eps makes it smooth in g instead of lr x sign(g).",
+  )
+  optim_weight_decay: float = F(0.0, "Decoupled weight decay (AdamW) if > 0.")
   # loop
-  train_batch_size: int = 256
-  train_epochs: float = 3000.0
-  train_steps: int = 0  # > 0 overrides train_epochs
-  train_seed: int = 0
-  train_log_every: int = 10
-  train_ckpt_every: int = 500
-  train_ckpt_keep: int = 3
-  train_progress: bool = True
+  train_batch_size: int = F(256, "Slides per step (global).")
+  train_epochs: float = F(3000.0, "Epochs (passes over the slides).")
+  train_steps: int = F(0, "If > 0, total steps (overrides --train_epochs).")
+  train_seed: int = F(
+    0,
+    "Seed of initialisation, view sampling and augmentation (each its own stream).",
+  )
+  train_log_every: int = F(10, "Steps between metric records.")
+  train_ckpt_every: int = F(500, "Steps between checkpoints.")
+  train_ckpt_keep: int = F(3, "Checkpoints kept.")
+  train_progress: bool = F(True, "Show a progress bar (else log lines).")
+  train_allow_changed_flags: tuple[str, ...] = F(
+    (),
+    "Flags a resumed run may change from its saved config.json (comma list); "
+    "any other change is refused.",
+  )
   # multi-host
-  dist_init: str = "none"
-  dist_coordinator: str = ""
-  dist_num_processes: int = 1
-  dist_process_id: int = 0
-  dist_cpu_collectives: str = "gloo"
+  dist_init: str = F(
+    "none",
+    "jax.distributed.initialize: none, auto (TPU/Slurm detection) or "
+    "explicit (--dist_coordinator, --dist_num_processes, --dist_process_id).",
+    choices=["none", "auto", "explicit"],
+  )
+  dist_coordinator: str = F("", "HOST:PORT of process 0.")
+  dist_num_processes: int = F(1, "Number of processes.")
+  dist_process_id: int = F(0, "This process's id.")
+  dist_cpu_collectives: str = F(
+    "gloo", "CPU collectives for multi-process runs on CPU.", choices=["gloo", "mpi", "none"]
+  )
 
   @property
   def conv_impl(self) -> str | None:
@@ -153,6 +225,9 @@ class Config:
       self.model_init != "torchvision" or self.model_weights,
       "--model_init=torchvision needs --model_weights=PATH (a torchvision/MoCo .pth)",
     )
+    names = {f.name for f in dataclasses.fields(self)}
+    unknown = sorted(set(self.train_allow_changed_flags) - names)
+    need(not unknown, f"--train_allow_changed_flags names unknown flags {unknown}")
     need(
       self.dist_init != "explicit" or self.dist_coordinator,
       "--dist_init=explicit needs --dist_coordinator=HOST:PORT",
@@ -187,142 +262,29 @@ def read(workdir: str | os.PathLike) -> Config:
   return Config.from_dict(json.loads(path.read_text()))
 
 
-# ------------------------------------------------------------------ flags ---
+def changed_flags(saved: Config, cfg: Config) -> list[str]:
+  """Flags whose value differs between a run's saved config and `cfg`, that change the run.
 
-_D = Config()
+  Harmless flags (RESUME_FREE: logging, checkpoint cadence, readers,
+  processes, kernel choice) and those named by cfg.train_allow_changed_flags
+  are left out.
+  """
+  allowed = RESUME_FREE | set(cfg.train_allow_changed_flags)
+  return [
+    f.name
+    for f in dataclasses.fields(Config)
+    if f.name not in allowed and getattr(saved, f.name) != getattr(cfg, f.name)
+  ]
+
+
+# ------------------------------------------------------------------ flags ---
 
 
 def define_flags() -> None:
-  """Defines every training flag (idempotent)."""
-  if "data_bank" in flags.FLAGS:
-    return
-  impls = ["auto"] + sorted(conv_api.IMPLEMENTATIONS)
-  flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, config.")
-  # data
-  flags.DEFINE_string(
-    "data_bank",
-    None,
-    "Embedding bank directory, or 'synthetic' for a small random bank "
-    "made in <workdir>/synthetic_bank (shape from --data_synthetic_shape).",
-  )
-  flags.DEFINE_integer("data_tiles", _D.data_tiles, "T: tiles per view (with replacement).")
-  flags.DEFINE_integer("data_cell", _D.data_cell, "Level-0 pixels per grid cell.")
-  flags.DEFINE_boolean("data_translate", True, "Random translation of a view's positions.")
-  flags.DEFINE_boolean("data_rotate", True, "Random rotation (uniform angle).")
-  flags.DEFINE_boolean("data_flip", True, "Random +-1 flip per axis.")
-  flags.DEFINE_boolean("data_scale", True, "Random per-axis scale in --data_scale_range.")
-  flags.DEFINE_list("data_scale_range", ["0.7", "1.3"], "low,high of the per-axis scale.")
-  flags.DEFINE_integer(
-    "data_prefetch", _D.data_prefetch, "Steps of views prepared ahead in a background thread."
-  )
-  flags.DEFINE_integer(
-    "data_read_threads",
-    _D.data_read_threads,
-    "Threads reading bank records (when --data_workers=0).",
-  )
-  flags.DEFINE_integer(
-    "data_workers",
-    _D.data_workers,
-    "Processes reading bank records; 0 = threads of the training "
-    "process; -1 = auto (cores - 2, at most 32, on a machine with >= 8 "
-    "cores, else 0).",
-  )
-  flags.DEFINE_list(
-    "data_synthetic_shape",
-    [str(x) for x in _D.data_synthetic_shape],
-    "slides,naug,tiles,dim of the bank made for --data_bank=synthetic.",
-  )
-  # model
-  flags.DEFINE_integer(
-    "model_in_features", 0, "Input channels of the pooling net; 0 = the bank's feature dim."
-  )
-  flags.DEFINE_enum(
-    "model_conv_impl",
-    "auto",
-    impls,
-    "Sparse-conv kernel (kernels/sparse_conv); auto = backend default.",
-  )
-  flags.DEFINE_enum(
-    "model_table_builder", _D.model_table_builder, list(tables.BUILDERS), "Neighbour-table builder."
-  )
-  flags.DEFINE_boolean(
-    "model_sync_bn", True, "BN statistics over all devices (False = per device, the reference)."
-  )
-  flags.DEFINE_enum(
-    "model_init",
-    "random",
-    ["random", "torchvision"],
-    "random, or layer4 of a torchvision/MoCo ResNet18 .pth (--model_weights).",
-  )
-  flags.DEFINE_string("model_weights", "", "ResNet18 .pth for --model_init=torchvision.")
-  flags.DEFINE_enum(
-    "model_orientation",
-    "natural",
-    ["natural", "reference"],
-    "How 3x3 ImageNet kernels map to sparse taps (see models.py).",
-  )
-  # loss
-  flags.DEFINE_float("loss_temperature", _D.loss_temperature, "NT-Xent temperature tau.")
-  flags.DEFINE_enum(
-    "loss_negatives",
-    "global",
-    ["global", "local"],
-    "Negatives from all devices and hosts, or this device only (reference).",
-  )
-  # optim
-  flags.DEFINE_float("optim_base_lr", _D.optim_base_lr, "lr = base_lr x batch / 256.")
-  flags.DEFINE_float("optim_warmup_epochs", _D.optim_warmup_epochs, "Linear warm-up epochs.")
-  flags.DEFINE_float("optim_final_lr", 0.0, "Learning rate at the end of the cosine decay.")
-  flags.DEFINE_float("optim_b1", _D.optim_b1, "Adam beta1.")
-  flags.DEFINE_float("optim_b2", _D.optim_b2, "Adam beta2.")
-  flags.DEFINE_float(
-    "optim_eps",
-    _D.optim_eps,
-    "Adam epsilon (1e-8 = torch and optax default). Adam's first step is\n"
-    "lr x g / (|g| + eps): a large eps makes it smooth in g instead of lr x sign(g).",
-  )
-  flags.DEFINE_float("optim_weight_decay", 0.0, "Decoupled weight decay (AdamW) if > 0.")
-  # train
-  flags.DEFINE_integer("train_batch_size", _D.train_batch_size, "Slides per step (global).")
-  flags.DEFINE_float("train_epochs", _D.train_epochs, "Epochs (passes over the slides).")
-  flags.DEFINE_integer("train_steps", 0, "If > 0, total steps (overrides --train_epochs).")
-  flags.DEFINE_integer("train_seed", 0, "Seed of initialisation and view sampling.")
-  flags.DEFINE_integer("train_log_every", _D.train_log_every, "Steps between metric records.")
-  flags.DEFINE_integer("train_ckpt_every", _D.train_ckpt_every, "Steps between checkpoints.")
-  flags.DEFINE_integer("train_ckpt_keep", _D.train_ckpt_keep, "Checkpoints kept.")
-  flags.DEFINE_boolean("train_progress", True, "Show a progress bar (else log lines).")
-  # dist
-  flags.DEFINE_enum(
-    "dist_init",
-    "none",
-    ["none", "auto", "explicit"],
-    "jax.distributed.initialize: none, auto (TPU/Slurm detection) or "
-    "explicit (--dist_coordinator, --dist_num_processes, --dist_process_id).",
-  )
-  flags.DEFINE_string("dist_coordinator", "", "HOST:PORT of process 0.")
-  flags.DEFINE_integer("dist_num_processes", 1, "Number of processes.")
-  flags.DEFINE_integer("dist_process_id", 0, "This process's id.")
-  flags.DEFINE_enum(
-    "dist_cpu_collectives",
-    "gloo",
-    ["gloo", "mpi", "none"],
-    "CPU collectives for multi-process runs on CPU.",
-  )
+  """Defines every training flag (idempotent), generated from `Config`."""
+  cli.define_flags(Config)
 
 
 def from_flags() -> Config:
   """Builds the validated Config from the parsed absl flags."""
-  fl = flags.FLAGS
-  kw = {}
-  for f in dataclasses.fields(Config):
-    v = fl[f.name].value
-    if f.name == "data_scale_range":
-      v = tuple(float(x) for x in v)
-      if len(v) != 2:
-        raise ValueError(f"--data_scale_range needs 2 values, got {v}")
-    elif f.name == "data_synthetic_shape":
-      v = tuple(int(x) for x in v)
-    elif v is None:
-      v = getattr(_D, f.name)
-    kw[f.name] = v
-  return Config(**kw).validate()
+  return cli.from_flags(Config).validate()

@@ -1,6 +1,6 @@
 """The whole system on bundled real tissue, in minutes on a CPU: `python -m gigassl_jax.demo`.
 
-    python -m gigassl_jax.demo [--out=gigassl_demo] [--quick]
+    python -m gigassl_jax.demo [--out=gigassl_demo] [--quick] [--steps=N] [--n_per_class=M]
 
 Five stages, each showing its progress, all outputs in one folder:
 
@@ -29,6 +29,10 @@ import shutil
 import sys
 import time
 
+from absl import flags
+
+from gigassl_jax import cli
+
 # Sizes of the default demo and of --quick (tests, a first look in ~1 minute).
 FULL = dict(
   n_per_class=16,
@@ -56,23 +60,28 @@ QUICK = dict(
 )
 
 
+F = cli.field
+
+
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
-  """Sizes of a demo run (defaults = FULL)."""
+  """Sizes of a demo run (defaults = FULL); every field is also a flag of the demo."""
 
-  out: str = "gigassl_demo"
-  n_per_class: int = FULL["n_per_class"]
-  grid: int = FULL["grid"]
-  n_aug: int = FULL["n_aug"]
-  n_tiles: int = FULL["n_tiles"]
-  batch: int = FULL["batch"]
-  steps: int = FULL["steps"]
-  n_views: int = FULL["n_views"]
-  folds: int = FULL["folds"]
-  repeats: int = FULL["repeats"]
-  subsets: tuple = FULL["subsets"]
-  seed: int = 0
-  progress: bool = True
+  out: str = F("gigassl_demo", "Output folder.")
+  n_per_class: int = F(FULL["n_per_class"], "Slides per class.")
+  grid: int = F(FULL["grid"], "Cells per side of a slide.")
+  n_aug: int = F(FULL["n_aug"], "Augmented tile batches per slide in the bank (Naug).")
+  n_tiles: int = F(FULL["n_tiles"], "Tiles per batch in the bank (Nt).")
+  batch: int = F(FULL["batch"], "Training batch (slides).")
+  steps: int = F(FULL["steps"], "Training steps.")
+  n_views: int = F(FULL["n_views"], "Views per slide in the encoding ensemble.")
+  folds: int = F(FULL["folds"], "Folds of the stratified cross-validation.")
+  repeats: int = F(FULL["repeats"], "Repeats of the cross-validation.")
+  subsets: tuple[str, ...] = F(
+    FULL["subsets"], "Training-set sizes of the evaluation: full and/or numbers."
+  )
+  seed: int = F(0, "Seed of the cohort, the bank, training and encoding.")
+  progress: bool = F(True, "Show progress bars.")
 
   @classmethod
   def quick(cls, **kw) -> "DemoConfig":
@@ -319,30 +328,21 @@ def _write_summary(out: pathlib.Path, cfg: DemoConfig, table: str, times: dict, 
   os.replace(tmp, out / "README.md")
 
 
-def main(argv=None):
-  import argparse  # pylint: disable=import-outside-toplevel
-
-  ap = argparse.ArgumentParser(
-    prog="python -m gigassl_jax.demo", description="Giga-SSL end to end on bundled real tissue."
-  )
-  ap.add_argument("--out", default="gigassl_demo", help="output folder (default: %(default)s)")
-  ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of ~1 minute")
-  ap.add_argument("--steps", type=int, help="training steps (default 80; quick 3)")
-  ap.add_argument("--n_per_class", type=int, help="slides per class (default 16)")
-  ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--no_progress", action="store_true", help="no progress bars")
-  a = ap.parse_args(argv)
-  kw = {"out": a.out, "seed": a.seed, "progress": not a.no_progress}
-  if a.steps is not None:
-    kw["steps"] = a.steps
-  if a.n_per_class is not None:
-    kw["n_per_class"] = a.n_per_class
-  cfg = DemoConfig.quick(**kw) if a.quick else DemoConfig(**kw)
+def main(argv):
+  if len(argv) > 1:
+    print(f"demo: error: unexpected arguments {argv[1:]}", file=sys.stderr)
+    return 2
+  base = DemoConfig.quick() if flags.FLAGS.quick else DemoConfig()
   try:
-    run(cfg)
+    run(cli.from_flags(DemoConfig, base=base))
   except (FileNotFoundError, ValueError, RuntimeError) as e:
-    sys.exit(f"demo: error: {e}")
+    print(f"demo: error: {e}", file=sys.stderr)
+    return 2
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  cli.define_flags(DemoConfig)
+  # A preset, not a setting: the flags given explicitly override its sizes.
+  flags.DEFINE_bool("quick", False, "Tiny sizes: a smoke run of ~1 minute.")
+  cli.run(main)

@@ -33,36 +33,46 @@ import traceback
 
 import numpy as np
 
+from absl import flags
+
 from gigassl_jax import bank as bank_lib
+from gigassl_jax import cli
 from gigassl_jax import embed_device, embed_manifest
 from gigassl_jax import slides as slides_lib
 from gigassl_jax.embed_listing import default_shards, list_slides, shard, slide_id
 from gigassl_jax.embed_manifest import THUMB_DIR, manifest, write_manifest, write_status
 
 
+F = cli.field
+
+
 @dataclasses.dataclass(frozen=True)
 class EmbedConfig:
-  """Everything `run` needs (the CLI flags, resolved)."""
+  """Everything `run` needs; every field is also a flag of `python -m gigassl_jax.embed`."""
 
-  slides: str
-  bank: str
-  n_aug: int = 50
-  n_tiles: int = 256
-  encoder: str = "efficientnet_lite0"
-  weights: str | None = None
-  tile_size: int = 224
-  magnification: float = 10.0
-  mpp: float | None = None
-  fallback_level: int = 1
-  tissue_tolerance: float = 0.1
-  seed: int = 0
-  num_shards: int | None = None
-  shard_index: int | None = None
-  read_threads: int | None = None
-  encode_batch: int = 256
-  thumbnails: bool = True
-  pack: bool = True
-  progress: bool = True
+  slides: str = F(
+    dataclasses.MISSING,
+    "Directory of slides (recursive), list file (.txt, one path a line) or comma-separated paths.",
+  )
+  bank: str = F(dataclasses.MISSING, "Output bank directory.", required=True)
+  n_aug: int = F(50, "Augmented batches per slide (Naug).")
+  n_tiles: int = F(256, "Tiles per batch (Nt), drawn uniformly with replacement.")
+  encoder: str = F("efficientnet_lite0", "Tile encoder: resnet18 or efficientnet_lite0.")
+  weights: str | None = F(None, "Encoder checkpoint (.pth, torchvision or MoCo format).")
+  tile_size: int = F(224, "Tile side in pixels.")
+  magnification: float = F(10.0, "Target magnification (10x = 1.0 mpp).")
+  mpp: float | None = F(None, "Target microns per pixel (overrides --magnification).")
+  fallback_level: int = F(1, "Level read when a slide has no mpp; -1 fails such slides.")
+  tissue_tolerance: float = F(0.1, "A tile is kept when its tissue fraction exceeds this.")
+  seed: int = F(0, "Seed of tile draws and augmentations.")
+  num_shards: int | None = F(None, "Processes sharing the slides (default: JAX process count).")
+  shard_index: int | None = F(None, "This process's share (default: JAX process index).")
+  read_threads: int | None = F(None, "Tile-reading threads (default 2 x cores, at most 32).")
+  encode_batch: int = F(256, "Tiles per encoder call.")
+  thumbnails: bool = F(True, "Write thumbnails/<id>.png with the tissue mask and tile grid.")
+  pack: bool = F(True, "Pack the bank when no slide is pending.")
+  pack_only: bool = F(False, "Only (re)pack the finished slides of --bank (no --slides needed).")
+  progress: bool = F(True, "Show the progress bar.")
 
 
 # --------------------------------------------------------------------------
@@ -285,56 +295,24 @@ def _report(records, failed, pending, packed):
 # CLI.
 
 
-def _define_flags():
-  from absl import flags  # pylint: disable=import-outside-toplevel
-
-  f = flags
-  f.DEFINE_string(
-        "slides", None,
-        "Directory of slides (recursive), list file (.txt, one path a line) or comma-separated paths.",
-    )  # fmt: skip
-  f.DEFINE_string("bank", None, "Output bank directory.")
-  f.DEFINE_integer("n_aug", 50, "Augmented batches per slide (Naug).")
-  f.DEFINE_integer("n_tiles", 256, "Tiles per batch (Nt), drawn uniformly with replacement.")
-  f.DEFINE_string("encoder", "efficientnet_lite0", "Tile encoder: resnet18 or efficientnet_lite0.")
-  f.DEFINE_string("weights", None, "Encoder checkpoint (.pth, torchvision or MoCo format).")
-  f.DEFINE_integer("tile_size", 224, "Tile side in pixels.")
-  f.DEFINE_float("magnification", 10.0, "Target magnification (10x = 1.0 mpp).")
-  f.DEFINE_float("mpp", None, "Target microns per pixel (overrides --magnification).")
-  f.DEFINE_integer("fallback_level", 1, "Level read when a slide has no mpp; -1 fails such slides.")
-  f.DEFINE_float("tissue_tolerance", 0.1, "A tile is kept when its tissue fraction exceeds this.")
-  f.DEFINE_integer("seed", 0, "Seed of tile draws and augmentations.")
-  f.DEFINE_integer("num_shards", None, "Processes sharing the slides (default: JAX process count).")
-  f.DEFINE_integer("shard_index", None, "This process's share (default: JAX process index).")
-  f.DEFINE_integer("read_threads", None, "Tile-reading threads (default 2 x cores, at most 32).")
-  f.DEFINE_integer("encode_batch", 256, "Tiles per encoder call.")
-  f.DEFINE_bool("thumbnails", True, "Write thumbnails/<id>.png with the tissue mask and tile grid.")
-  f.DEFINE_bool("pack", True, "Pack the bank when no slide is pending.")
-  f.DEFINE_bool("pack_only", False, "Only (re)pack the finished slides of --bank.")
-  f.DEFINE_bool("progress", True, "Show the progress bar.")
-  f.mark_flags_as_required(["bank"])
-  return f.FLAGS
-
-
 def main(argv):
-  del argv
-  flags = _FLAGS
-  if flags.pack_only:
-    print(f"packed: {bank_lib.pack(flags.bank)}")
-    return 0
-  if not flags.slides:
-    raise SystemExit("--slides is required (unless --pack_only)")
-  cfg = EmbedConfig(**{
-        f.name: flags[f.name].value for f in dataclasses.fields(EmbedConfig)
-    })  # fmt: skip
-  result = run(cfg)
+  if len(argv) > 1:
+    print(f"embed: error: unexpected arguments {argv[1:]}", file=sys.stderr)
+    return 2
+  fl = flags.FLAGS
+  try:
+    if fl.pack_only:
+      print(f"packed: {bank_lib.pack(fl.bank)}")
+      return 0
+    if not fl.slides:
+      raise ValueError("--slides is required (unless --pack_only)")
+    result = run(cli.from_flags(EmbedConfig))
+  except (FileNotFoundError, ValueError) as e:
+    print(f"embed: error: {e}", file=sys.stderr)
+    return 2
   return 1 if result["failed"] else 0
 
 
-_FLAGS = None
-
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=import-outside-toplevel
-
-  _FLAGS = _define_flags()
-  app.run(main)
+  cli.define_flags(EmbedConfig)
+  cli.run(main)

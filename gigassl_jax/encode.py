@@ -31,13 +31,42 @@ FILE_ids.csv, written atomically; read them with gigassl_jax.reps.load_reps.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import zlib
 
 import numpy as np
 
+from gigassl_jax import cli
+
 METHODS = ("gigassl", "random_init", "mean_tiles")
 MODES = ("ensemble", "all_tiles")
+F = cli.field
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeConfig:
+  """The flags of `python -m gigassl_jax.encode` (and the defaults of `run`)."""
+
+  workdir: str | None = F(None, "Training run (config.json + checkpoints/).")
+  bank: str = F("", "Packed embedding bank (gigassl_jax.embed).", required=True)
+  out: str = F("", "Output .npz (an _ids.csv is written beside it).", required=True)
+  method: str = F(
+    "gigassl",
+    "gigassl (trained), random_init (the pooling net before training) or mean_tiles (no network).",
+    choices=METHODS,
+  )
+  mode: str = F(
+    "ensemble", "ensemble of R views of T tiles, or one map of all tiles.", choices=MODES
+  )
+  n_views: int = F(100, "R, views per slide in the ensemble.")
+  tiles: int = F(5, "T, tiles per view.")
+  seed: int = F(0, "Seed of the ensemble draws (and of random_init without --workdir).")
+  batch_slides: int = F(8, "Slides per network call.")
+  progress: bool = F(True, "Show a progress bar.")
+
+
+_D = EncodeConfig()
 
 
 def slide_rng(seed: int, slide_id: str) -> np.random.Generator:
@@ -217,14 +246,14 @@ def run(
   bank: str,
   out: str,
   *,
-  workdir: str | None = None,
-  method: str = "gigassl",
-  mode: str = "ensemble",
-  n_views: int = 100,
-  tiles: int = 5,
-  seed: int = 0,
-  batch_slides: int = 8,
-  show_progress: bool = True,
+  workdir: str | None = _D.workdir,
+  method: str = _D.method,
+  mode: str = _D.mode,
+  n_views: int = _D.n_views,
+  tiles: int = _D.tiles,
+  seed: int = _D.seed,
+  batch_slides: int = _D.batch_slides,
+  show_progress: bool = _D.progress,
 ):
   """Encodes every slide of the bank; writes `out`; returns (ids, reps)."""
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
@@ -310,58 +339,31 @@ def run(
   return list(reader.slide_ids), reps
 
 
-def _define_flags():
-  from absl import flags  # pylint: disable=import-outside-toplevel
-
-  f = flags
-  f.DEFINE_string("workdir", None, "Training run (config.json + checkpoints/).")
-  f.DEFINE_string("bank", None, "Packed embedding bank (gigassl_jax.embed).")
-  f.DEFINE_string("out", None, "Output .npz (an _ids.csv is written beside it).")
-  f.DEFINE_enum(
-    "method",
-    "gigassl",
-    list(METHODS),
-    "gigassl (trained), random_init (the pooling net before training) or mean_tiles (no network).",
-  )
-  f.DEFINE_enum(
-    "mode", "ensemble", list(MODES), "ensemble of R views of T tiles, or one map of all tiles."
-  )
-  f.DEFINE_integer("n_views", 100, "R, views per slide in the ensemble.")
-  f.DEFINE_integer("tiles", 5, "T, tiles per view.")
-  f.DEFINE_integer("seed", 0, "Seed of the ensemble draws (and of random_init without --workdir).")
-  f.DEFINE_integer("batch_slides", 8, "Slides per network call.")
-  f.DEFINE_bool("progress", True, "Show a progress bar.")
-  f.mark_flags_as_required(["bank", "out"])
-  return f.FLAGS
-
-
 def main(argv):
-  del argv
-  fl = _FLAGS
+  if len(argv) > 1:
+    print(f"encode: error: unexpected arguments {argv[1:]}", file=sys.stderr)
+    return 2
+  cfg = cli.from_flags(EncodeConfig)
   try:
     ids, reps = run(
-      fl.bank,
-      fl.out,
-      workdir=fl.workdir,
-      method=fl.method,
-      mode=fl.mode,
-      n_views=fl.n_views,
-      tiles=fl.tiles,
-      seed=fl.seed,
-      batch_slides=fl.batch_slides,
-      show_progress=fl.progress,
+      cfg.bank,
+      cfg.out,
+      workdir=cfg.workdir,
+      method=cfg.method,
+      mode=cfg.mode,
+      n_views=cfg.n_views,
+      tiles=cfg.tiles,
+      seed=cfg.seed,
+      batch_slides=cfg.batch_slides,
+      show_progress=cfg.progress,
     )
   except (FileNotFoundError, ValueError) as e:
     print(f"encode: error: {e}", file=sys.stderr)
     return 2
-  print(f"encode: {len(ids)} slides -> {reps.shape[1]}-d vectors in {fl.out}", file=sys.stderr)
+  print(f"encode: {len(ids)} slides -> {reps.shape[1]}-d vectors in {cfg.out}", file=sys.stderr)
   return 0
 
 
-_FLAGS = None
-
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=import-outside-toplevel
-
-  _FLAGS = _define_flags()
-  app.run(main)
+  cli.define_flags(EncodeConfig)
+  cli.run(main)

@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags
 from absl import logging as absl_logging
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -38,6 +37,7 @@ from jax.sharding import PartitionSpec as P
 
 from gigassl_jax import bank as bank_lib
 from gigassl_jax import checkpoint as ckpt_lib
+from gigassl_jax import cli
 from gigassl_jax import config as config_lib
 from gigassl_jax import views as views_lib
 from gigassl_jax import losses, sampling, synthetic
@@ -50,6 +50,10 @@ log = pylogging.getLogger("gigassl_jax.train")
 
 class NonFiniteLossError(RuntimeError):
   """The loss (or the gradient norm) became NaN or inf."""
+
+
+class ChangedFlagsError(ValueError):
+  """A resume asked for flags that change the run (see config.changed_flags)."""
 
 
 # ------------------------------------------------------------ building ------
@@ -80,7 +84,7 @@ def _grads_body(graphdef, cfg: config_lib.Config):
   global_neg = cfg.loss_negatives == "global"
 
   def body(params, stats, step, batch):
-    key = jax.random.fold_in(jax.random.key(cfg.train_seed), step)
+    key = jax.random.fold_in(ckpt_lib.stream_key(cfg.train_seed, ckpt_lib.AUGMENT_STREAM), step)
     views = [
       views_lib.make_views(
         jax.random.fold_in(key, v),
@@ -324,15 +328,17 @@ def run(cfg: config_lib.Config) -> dict:
   )
   spe = sampler.steps_per_epoch
   total = cfg.train_steps if cfg.train_steps > 0 else max(1, round(cfg.train_epochs * spe))
+  if (workdir / config_lib.CONFIG_JSON).exists():
+    saved = config_lib.read(workdir)
+    changed = config_lib.changed_flags(saved, cfg)
+    if changed:
+      diff = ", ".join(f"--{n} ({getattr(saved, n)!r} -> {getattr(cfg, n)!r})" for n in changed)
+      raise ChangedFlagsError(
+        f"{workdir / config_lib.CONFIG_JSON}: resuming with changed flags {diff}; use the "
+        f"run's flags, a new --workdir, or --train_allow_changed_flags={','.join(changed)}"
+      )
   if is_main:
     workdir.mkdir(parents=True, exist_ok=True)
-    old = workdir / config_lib.CONFIG_JSON
-    if old.exists() and config_lib.read(workdir) != cfg:
-      log.warning(
-        "%s differs from this run's flags; overwriting (a changed run "
-        "resumes from the same checkpoints)",
-        old,
-      )
     config_lib.write(cfg, workdir)
 
   # --- model, optimiser, state (restored if a checkpoint exists) ----------
@@ -453,12 +459,14 @@ def run(cfg: config_lib.Config) -> dict:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    print(f"train: error: unexpected arguments {argv[1:]}", file=sys.stderr)
+    return 2
   # --- config --------------------------------------------------------------
   try:
     cfg = config_lib.from_flags()
   except ValueError as e:
-    raise app.UsageError(str(e)) from e
+    print(f"train: error: {e}", file=sys.stderr)
+    return 2
   init_distributed(cfg)
   # Our progress on stderr; orbax's and TFDS's INFO chatter stays quiet.
   absl_logging.set_verbosity(absl_logging.WARNING)
@@ -471,13 +479,14 @@ def main(argv):
   try:
     run(cfg)
   except NonFiniteLossError as e:
-    log.error("%s", e)
-    sys.exit(f"error: {e}")
+    log.error("train: error: %s", e)
+    return 1
   except (FileNotFoundError, ValueError) as e:
-    sys.exit(f"error: {e}")
+    print(f"train: error: {e}", file=sys.stderr)
+    return 2
+  return 0
 
 
 if __name__ == "__main__":
   config_lib.define_flags()
-  flags.mark_flags_as_required(["workdir", "data_bank"])
-  app.run(main)
+  cli.run(main)

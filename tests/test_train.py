@@ -24,12 +24,13 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # Bank (slides, naug, tiles, dim) and run shared by the tests of this module.
 SHAPE = (16, 3, 12, 32)
 STEPS, CKPT, BATCH = 10, 2, 8
+BANK_SEED = 17  # the module's bank (its tests name it on failure)
 
 
 @pytest.fixture(scope="module")
 def bank_dir(tmp_path_factory):
   d = tmp_path_factory.mktemp("bank")
-  return synthetic.make_synthetic_bank(d, *SHAPE, seed=int(np.random.default_rng().integers(1000)))
+  return synthetic.make_synthetic_bank(d, *SHAPE, seed=BANK_SEED)
 
 
 def _cfg(bank, workdir, **kw):
@@ -174,8 +175,9 @@ def test_prefetcher_order_and_errors():
     views_lib.Prefetcher(lambda s: s, 0, 3).get(1)
 
 
-def test_make_views_augments_per_position_not_per_device():
-  rng = np.random.default_rng()
+@pytest.mark.parametrize("seed", [3])
+def test_make_views_augments_per_position_not_per_device(seed):
+  rng = np.random.default_rng(seed)
   xy = (rng.integers(0, 30, size=(6, 5, 2)) * 896).astype(np.int32)
   feats = rng.normal(size=(6, 5, 4)).astype(np.float32)
   cfg = train.coord_config(config_lib.Config())
@@ -183,8 +185,8 @@ def test_make_views_augments_per_position_not_per_device():
   make_views = jax.jit(views_lib.make_views, static_argnums=(4, 5))
   full = make_views(key, xy, feats, jnp.arange(6), cfg, 224)
   half = make_views(key, xy[3:], feats[3:], jnp.arange(3, 6), cfg, 224)
-  np.testing.assert_array_equal(full.coords[3:], half.coords)
-  np.testing.assert_allclose(full.feats[3:], half.feats)
+  np.testing.assert_array_equal(full.coords[3:], half.coords, err_msg=f"seed {seed}")
+  np.testing.assert_allclose(full.feats[3:], half.feats, err_msg=f"seed {seed}")
   # augmentation on: grids differ from the plain quantisation for some view
   plain = make_views(
     key,
@@ -196,9 +198,9 @@ def test_make_views_augments_per_position_not_per_device():
     ),
     224,
   )
-  assert not np.array_equal(plain.coords, full.coords)
+  assert not np.array_equal(plain.coords, full.coords), f"seed {seed}"
   # augmentation off: exactly quantised positions (pitch 896 = 4 cells)
-  np.testing.assert_array_equal(plain.coords[plain.mask] % 4, 0)
+  np.testing.assert_array_equal(plain.coords[plain.mask] % 4, 0, err_msg=f"seed {seed}")
 
 
 # -------------------------------------------------------- the train step ---
@@ -214,8 +216,9 @@ def _batch(rng, b, t, f):
   }
 
 
-def test_eight_device_step_equals_one_device_step():
-  rng = np.random.default_rng()
+@pytest.mark.parametrize("seed", [5])
+def test_eight_device_step_equals_one_device_step(seed):
+  rng = np.random.default_rng(seed)
   cfg = config_lib.Config(workdir="x", data_bank="x", model_in_features=32, train_seed=5)
   model = checkpoint.build_model(cfg, 32, bn_axis_name=train.AXIS)
   graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
@@ -235,17 +238,19 @@ def test_eight_device_step_equals_one_device_step():
       )
     )
   (l1, g1, s1, c1), (l8, g8, s8, c8) = outs
-  np.testing.assert_allclose(l8, l1, rtol=1e-5)
-  np.testing.assert_allclose(c8, c1, rtol=1e-5)
+  np.testing.assert_allclose(l8, l1, rtol=1e-5, err_msg=f"seed {seed}")
+  np.testing.assert_allclose(c8, c1, rtol=1e-5, err_msg=f"seed {seed}")
   for a, b in zip(jax.tree.leaves(g8), jax.tree.leaves(g1)):
     # float32 sums in another order, amplified 1/tau = 20x by the loss: a few
     # 1e-4 of the largest entry (1e-4 failed once in ~10 fresh-random runs at
     # 1.4e-4); a wrong sharding or a missing pmean is off by O(1).
-    np.testing.assert_allclose(a, b, atol=5e-4 * float(np.abs(b).max()) + 1e-7)
-  assert any(float(np.abs(b).max()) > 0 for b in jax.tree.leaves(g1))
+    np.testing.assert_allclose(
+      a, b, atol=5e-4 * float(np.abs(b).max()) + 1e-7, err_msg=f"seed {seed}"
+    )
+  assert any(float(np.abs(b).max()) > 0 for b in jax.tree.leaves(g1)), f"seed {seed}"
   for a, b, old in zip(jax.tree.leaves(s8), jax.tree.leaves(s1), jax.tree.leaves(stats)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    assert not np.allclose(b, old)  # the running statistics moved
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f"seed {seed}")
+    assert not np.allclose(b, old), f"seed {seed}: the running statistics did not move"
 
 
 # ------------------------------------------------------------ full runs ----
@@ -267,7 +272,8 @@ def test_run_writes_metrics_checkpoints_and_restores(reference_run):
   assert (wd / config_lib.FLAGS_TXT).read_text().count("--data_bank=") == 1
   model, cfg2 = checkpoint.restore_model(wd)
   assert cfg2 == cfg
-  rng = np.random.default_rng()
+  seed = 11
+  rng = np.random.default_rng(seed)
   from gigassl_jax.sparse import maps
 
   sm = maps.build_views(
@@ -275,10 +281,10 @@ def test_run_writes_metrics_checkpoints_and_restores(reference_run):
     rng.normal(size=(3, 5, SHAPE[3])).astype(np.float32),
   )
   rep, _ = model(sm)
-  assert rep.shape == (3, 512) and np.isfinite(np.asarray(rep)).all()
+  assert rep.shape == (3, 512) and np.isfinite(np.asarray(rep)).all(), f"seed {seed}"
   # eval mode: running statistics, so a view's representation is batch-independent
   rep1, _ = model(jax.tree.map(lambda x: x[:1], sm))
-  np.testing.assert_allclose(rep1[0], rep[0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(rep1[0], rep[0], rtol=1e-5, atol=1e-6, err_msg=f"seed {seed}")
   # the restored parameters are the trained ones, not a fresh initialisation
   fresh = checkpoint.build_model(cfg, SHAPE[3])
   assert not np.allclose(fresh.pool.b1_conv2.weight[...], model.pool.b1_conv2.weight[...])
@@ -409,9 +415,10 @@ def test_every_flagfile_parses_and_each_kernel_has_an_ablation_arm():
   assert cfgs["experiments/smoke.flags"]["train_steps"] <= 10
 
 
-def test_model_init_from_a_torchvision_pth(tmp_path):
+@pytest.mark.parametrize("seed", [2])
+def test_model_init_from_a_torchvision_pth(tmp_path, seed):
   torch = pytest.importorskip("torch")  # only to write the file; reading is torch-free
-  rng = np.random.default_rng()
+  rng = np.random.default_rng(seed)
   sd = {}
   for blk, convs in (("0", ("conv1", "conv2", "downsample.0")), ("1", ("conv1", "conv2"))):
     for c in convs:
@@ -433,9 +440,81 @@ def test_model_init_from_a_torchvision_pth(tmp_path):
   )
   model = checkpoint.build_model(cfg, 256)
   w = sd["layer4.1.conv2.weight"].numpy()  # [out, in, kh, kw]; natural: tap 3*kw + kh
-  np.testing.assert_array_equal(model.pool.b1_conv2.weight[...][3 * 2 + 1], w[:, :, 1, 2].T)
   np.testing.assert_array_equal(
-    model.pool.b0_normd.var[...], sd["layer4.0.downsample.1.running_var"].numpy()
+    model.pool.b1_conv2.weight[...][3 * 2 + 1], w[:, :, 1, 2].T, err_msg=f"seed {seed}"
+  )
+  np.testing.assert_array_equal(
+    model.pool.b0_normd.var[...],
+    sd["layer4.0.downsample.1.running_var"].numpy(),
+    err_msg=f"seed {seed}",
   )
   with pytest.raises(FileNotFoundError, match="does not exist"):
     checkpoint.build_model(cfg.replace(model_weights=str(tmp_path / "none.pth")), 256)
+
+
+# ------------------------------------------------- streams, schedule, resume ---
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_init_augmentation_and_step_keys_are_separate_streams(seed):
+  """No key of parameter init equals an augmentation key of the first steps (or a view's)."""
+  rngs = nnx.Rngs(checkpoint.stream_key(seed, checkpoint.INIT_STREAM))
+  init = [rngs.params() for _ in range(8)]
+  aug = checkpoint.stream_key(seed, checkpoint.AUGMENT_STREAM)
+  steps = [jax.random.fold_in(aug, s) for s in range(8)]
+  views = [jax.random.fold_in(k, v) for k in steps for v in range(2)]
+  data = {tuple(np.asarray(jax.random.key_data(k)).ravel()) for k in init + steps + views}
+  assert len(data) == len(init) + len(steps) + len(views), f"seed {seed}"
+  # The old single chain: key(seed) folded with step 0 was also nnx.Rngs(seed)'s root.
+  assert tuple(np.asarray(jax.random.key_data(steps[0])).ravel()) != tuple(
+    np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 0))).ravel()
+  ), f"seed {seed}"
+
+
+def test_final_lr_is_the_flag_not_scaled_by_the_batch():
+  cfg = config_lib.Config(
+    workdir="x", data_bank="x", train_batch_size=8, optim_base_lr=0.5, optim_final_lr=1e-3
+  )
+  sched = checkpoint.make_schedule(cfg, 100, 10)
+  assert float(sched(100)) == pytest.approx(1e-3, rel=1e-6)  # not 1e-3 x 8 / 256
+  assert max(float(sched(s)) for s in range(100)) == pytest.approx(0.5 * 8 / 256, rel=1e-6)
+
+
+def test_resume_refuses_changed_flags_unless_allowed(bank_dir, tmp_path):
+  cfg = _cfg(bank_dir, tmp_path).replace(model_in_features=SHAPE[3])
+  config_lib.write(cfg, tmp_path)
+  changed = cfg.replace(train_batch_size=4, loss_temperature=0.1, train_log_every=3)
+  assert config_lib.changed_flags(cfg, changed) == ["loss_temperature", "train_batch_size"]
+  with pytest.raises(train.ChangedFlagsError, match="--loss_temperature.*--train_batch_size"):
+    train.run(changed)
+  allowed = changed.replace(train_allow_changed_flags=("train_batch_size", "loss_temperature"))
+  assert config_lib.changed_flags(cfg, allowed) == []
+  with pytest.raises(ValueError, match="unknown flags"):
+    cfg.replace(train_allow_changed_flags=("no_such_flag",)).validate()
+  # The command line: one line on stderr naming the flag, exit status 2.
+  res = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "gigassl_jax.train",
+      f"--workdir={tmp_path}",
+      f"--data_bank={bank_dir}",
+      f"--train_batch_size={BATCH}",
+      f"--train_steps={STEPS}",
+      f"--train_ckpt_every={CKPT}",
+      "--optim_warmup_epochs=1",
+      "--optim_base_lr=0.3",
+      "--loss_temperature=0.2",
+    ],
+    env=_env(1),
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert res.returncode == 2, res.stderr[-3000:]
+  errors = [l for l in res.stderr.splitlines() if "error" in l.lower()]
+  assert len(errors) == 1 and "changed flags --loss_temperature (0.05 -> 0.2)" in errors[0], (
+    res.stderr[-3000:]
+  )
+  assert "Traceback" not in res.stderr
