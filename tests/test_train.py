@@ -483,7 +483,7 @@ def test_final_lr_is_the_flag_not_scaled_by_the_batch():
 def test_resume_refuses_changed_flags_unless_allowed(bank_dir, tmp_path):
   cfg = _cfg(bank_dir, tmp_path).replace(model_in_features=SHAPE[3])
   config_lib.write(cfg, tmp_path)
-  changed = cfg.replace(train_batch_size=4, loss_temperature=0.1, train_log_every=3)
+  changed = cfg.replace(train_batch_size=16, loss_temperature=0.1, train_log_every=3)
   assert config_lib.changed_flags(cfg, changed) == ["loss_temperature", "train_batch_size"]
   with pytest.raises(train.ChangedFlagsError, match="--loss_temperature.*--train_batch_size"):
     train.run(changed)
