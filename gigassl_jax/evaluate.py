@@ -32,9 +32,10 @@ import sys
 
 import numpy as np
 
+from gigassl_jax import reps as reps_lib
 from gigassl_jax import splits as splits_lib
-from gigassl_jax.reps import Reps, load_reps, save_reps  # noqa: F401  (re-exported)
-from gigassl_jax.splits import EvalError  # noqa: F401  (re-exported)
+from gigassl_jax.reps import Reps, RepsError, load_reps, save_reps  # noqa: F401  (re-exported)
+from gigassl_jax.splits import EvalError
 
 # The reference's probe settings (linear_evaluation.py).
 C = 10.0
@@ -373,7 +374,12 @@ def run(
     raise EvalError(f"--level must be 'slide' or 'patient', got {level!r}")
   if splits_fix not in (None, "", "none", "drop_leaking"):
     raise EvalError(f"--splits_fix must be 'drop_leaking' or 'none', got {splits_fix!r}")
-  reps_list = [load_reps(p) for p in reps_paths]
+  reps_list = []
+  for p in reps_paths:
+    try:
+      reps_list.append(reps_lib.load_reps(p))
+    except RepsError as e:
+      raise EvalError(str(e)) from e
   names = [r.method for r in reps_list]
   if len(set(names)) != len(names):
     reps_list = [
@@ -546,6 +552,11 @@ def main(argv):
     )
   except EvalError as e:
     print(f"evaluate: error: {e}", file=sys.stderr)
+    return 2
+  except (OSError, UnicodeDecodeError, csv.Error) as e:
+    # Unreadable files or folders (permissions, not UTF-8, broken CSV): one line, no traceback.
+    where = getattr(e, "filename", None)
+    print(f"evaluate: error: {where + ': ' if where else ''}{e}", file=sys.stderr)
     return 2
   print(res["markdown"])
   for p in res["files"]:
