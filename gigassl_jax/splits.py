@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import os
 import pathlib
 import re
@@ -54,6 +55,20 @@ class Split:
 # Reading labels and split files.
 
 
+def _names_the_file(fn):
+  """A CSV that is not UTF-8 or not CSV becomes an EvalError naming the file (arg 0)."""
+
+  @functools.wraps(fn)
+  def wrapped(path, *args, **kwargs):
+    try:
+      return fn(path, *args, **kwargs)
+    except (UnicodeDecodeError, csv.Error) as e:
+      raise EvalError(f"{path}: not a readable UTF-8 CSV ({e})") from e
+
+  return wrapped
+
+
+@_names_the_file
 def load_labels(path) -> dict:
   """Reads a labels CSV with columns `ID,label` (extra columns such as case_id ignored).
 
@@ -90,6 +105,7 @@ def load_labels(path) -> dict:
   return labels
 
 
+@_names_the_file
 def load_patients(path, column: str | None = "case_id", required: bool = False) -> dict | None:
   """Reads the patient of each slide from a labels CSV.
 
@@ -192,6 +208,7 @@ def count_leaks(ref_dir) -> list:
   return out
 
 
+@_names_the_file
 def read_split_file(path, subset: str) -> Split:
   """Reads one `split_K.csv` (columns train,test; shorter column padded with empty cells)."""
   path = str(path)
@@ -421,11 +438,24 @@ def check_inputs(
       f"{who.path} ({len(missing)} labelled slides missing in all); pass --drop_missing "
       "to evaluate on the slides that have one (the reference does so)"
     )
+  if missing and len(missing) == len(labels):
+    first = next(iter(reps_list[0].ids), None)
+    raise EvalError(
+      f"{labels_path}: none of its {len(labels)} labelled slides has a representation in "
+      f"{' and '.join(r.path for r in reps_list)} (first label id {missing[0]!r}, first "
+      f"representation id {first!r}): --drop_missing leaves nothing to evaluate"
+    )
   if missing:
     print(
       f"evaluate: dropping {len(missing)} labelled slides with no representation", file=sys.stderr
     )
     labels = {s: v for s, v in labels.items() if s in have}
+    left = sorted(set(labels.values()))
+    if len(left) < 2:
+      raise EvalError(
+        f"{labels_path}: after --drop_missing only class(es) {left} have representations "
+        "(ROC-AUC needs two)"
+      )
   if splits is None:
     return labels, None
   out, lines, left_out = [], _label_lines(labels_path), {}
@@ -534,8 +564,10 @@ def leak_summary(rows: list) -> list:
 
 def leak_markdown(summary: list) -> str:
   lines = [
-    "| task | subset | splits | test slides (median) | leaking patients (min-max) "
-    "| their test slides (min-max) |",
+    (
+      "| task | subset | splits | test slides (median) | leaking patients (min-max) "
+      "| their test slides (min-max) |"
+    ),
     "|---|---|---|---|---|---|",
   ]
   for r in summary:
@@ -581,8 +613,10 @@ def main(argv=None) -> int:
       (out.with_suffix(".json"), json.dumps(doc, indent=1) + "\n"),
       (
         out.with_suffix(".md"),
-        f"# Patients on both sides of the reference's fixed splits\n\n"
-        f"Command: `{cmd}`  \nDate: {when}  \nMachine: {machine}\n\n{md}\n",
+        (
+          "# Patients on both sides of the reference's fixed splits\n\n"
+          f"Command: `{cmd}`  \nDate: {when}  \nMachine: {machine}\n\n{md}\n"
+        ),
       ),
     ):
       tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

@@ -343,7 +343,7 @@ def _twin_cohort(d, seed, n_patients=60, dim=512):
     w.writerow(["ID", "label", "case_id"])
     w.writerows(zip(ids, labels, cases))
   ev.save_reps(d / "twins.npz", ids, np.array(x), "twins")
-  return ids, dict(zip(ids, cases))
+  return ids
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -359,8 +359,8 @@ def test_patient_grouped_cv_removes_the_twin_leak(tmp_path, seed):
   score) has std sqrt((6+6+1)/(12*6*6)) = 0.17, the mean of 10 folds ~0.055:
   bound |mean - 0.5| < 0.2 (3.6 std).
   """
-  _, cases = _twin_cohort(tmp_path, seed)
-  common = dict(folds=5, repeats=2, seed=seed, progress=False)
+  _twin_cohort(tmp_path, seed)
+  common = {"folds": 5, "repeats": 2, "seed": seed, "progress": False}
   leaky = ev.run([tmp_path / "twins.npz"], tmp_path / "labels.csv", patient_column="none", **common)
   grouped = ev.run([tmp_path / "twins.npz"], tmp_path / "labels.csv", **common)
   a_leaky, a_grouped = leaky["rows"][0]["auc_mean"], grouped["rows"][0]["auc_mean"]
@@ -476,3 +476,67 @@ def test_fixed_splits_report_and_drop_leaking_patients(toy_patients, capsys, see
     0,
   )
   assert "| patients on both sides (per split) | 2 | 0 |" in res["markdown"], res["markdown"]
+
+
+# ---------------------------------------------------------------- one-line errors
+
+
+def _cli(*args):
+  return subprocess.run(
+    [sys.executable, "-m", "gigassl_jax.evaluate", *args],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
+
+
+def _one_error_line(p):
+  lines = [ln for ln in p.stderr.splitlines() if ln.strip() and not ln.startswith("evaluate: drop")]
+  assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+  assert len(lines) == 1 and lines[0].startswith("evaluate: error: "), p.stderr
+  return lines[0]
+
+
+@pytest.mark.parametrize("seed", [9])
+def test_drop_missing_without_overlap_is_one_line(small, seed):
+  d, ids, _ = small
+  other = [f"other_{i}" for i in range(12)]
+  ev.save_reps(d / "other.npz", other, np.random.default_rng(seed).normal(size=(12, 4)), "o")
+  with pytest.raises(ev.EvalError, match="none of its 12 labelled slides has a representation"):
+    ev.run([d / "other.npz"], d / "labels.csv", drop_missing=True, progress=False)
+  line = _one_error_line(
+    _cli(f"--reps={d / 'other.npz'}", f"--labels={d / 'labels.csv'}", "--drop_missing")
+  )
+  assert "first label id 'slide_00', first representation id 'other_0'" in line, line
+  # Overlap with one class only: also one line.
+  ev.save_reps(d / "half.npz", ids[::2], np.random.default_rng(seed).normal(size=(6, 4)), "h")
+  line = _one_error_line(
+    _cli(f"--reps={d / 'half.npz'}", f"--labels={d / 'labels.csv'}", "--drop_missing")
+  )
+  assert "only class(es) ['neg']" in line, line
+
+
+def test_bad_cli_inputs_are_one_line_with_plain_ids(small):
+  d, _, _ = small
+  # Too few slides of a class for the folds: the class is printed as 'neg', not np.str_('neg').
+  line = _one_error_line(
+    _cli(f"--reps={d / 'reps.npz'}", f"--labels={d / 'labels.csv'}", "--folds=7")
+  )
+  assert "class 'neg' has 6 slides, fewer than --folds=7" in line, line
+  assert "np.str_" not in line
+  line = _one_error_line(_cli(f"--reps={d / 'nope.npz'}", f"--labels={d / 'labels.csv'}"))
+  assert "nope.npz: representation file not found" in line, line
+  line = _one_error_line(_cli(f"--reps={d / 'reps.npz'}", f"--labels={d / 'nope.csv'}"))
+  assert "nope.csv: labels file not found" in line, line
+  line = _one_error_line(
+    _cli(f"--reps={d / 'reps.npz'}", f"--labels={d / 'labels.csv'}", "--level=patient")
+  )
+  assert "--level=patient needs a patient column" in line, line
+  line = _one_error_line(
+    _cli(f"--reps={d / 'reps.npz'}", f"--labels={d / 'labels.csv'}", "--patient_column=case")
+  )
+  assert "no patient column 'case'" in line, line
+  (d / "latin.csv").write_bytes(b"ID,label\nslide_\xe9,a\n")
+  line = _one_error_line(_cli(f"--reps={d / 'reps.npz'}", f"--labels={d / 'latin.csv'}"))
+  assert "latin.csv" in line, line
