@@ -1,7 +1,8 @@
 """Linear evaluation of slide representations: `python -m gigassl_jax.evaluate`.
 
     python -m gigassl_jax.evaluate --reps=giga.npz,mean.npz --labels=labels.csv \
-        [--splits=DIR] [--out=DIR] [--workdir=RUN]
+        [--splits=DIR [--splits_fix=drop_leaking]] [--level=slide|patient] \
+        [--patient_column=case_id] [--out=DIR] [--workdir=RUN]
 
 The protocol of method.md section 7 (the reference's linear_evaluation.py):
 logistic regression (L2, C = 10, class_weight balanced, no feature scaling,
@@ -10,6 +11,17 @@ splits. Splits are either the reference's fixed files (a folder of
 `split_K.csv` with columns `train,test`, or a task folder whose subfolders
 `full`, `25p`, `100`, `50` each hold such files) or stratified k-fold CV, with
 optional data-fraction subsets of each training fold (`--subsets=full,25p,50`).
+
+Patients: when the labels carry a patient column (`case_id`, or
+--patient_column), k-fold CV is stratified group k-fold (a patient never on
+both sides; subsets count and draw patients), fixed splits that put a patient
+on both sides are run as given but reported (one stderr line per split, a row
+of the table), and --splits_fix=drop_leaking adds their numbers without the
+leaking test slides. --level=patient averages a patient's slide vectors (then
+L2) and scores patients. See docs/evaluate.md for why.
+
+Representation files: gigassl_jax.reps (our .npz, and the published .npy
+slide embeddings, read without running pickled code).
 
 Several representation files (e.g. Giga-SSL and its baselines) are evaluated
 on exactly the same splits. Outputs in --out: results.md, results.csv (one row
@@ -486,10 +498,13 @@ def _define_flags():
   f.DEFINE_list(
     "reps",
     None,
-    "Representation files (.npz from gigassl_jax.encode), comma "
-    "separated; all evaluated on the same splits.",
+    "Representation files, comma separated, all evaluated on the same splits: .npz from "
+    "gigassl_jax.encode, a .npy dict {slide_id: vector} (TCGA-gigassl_{encoder}.npy), or "
+    "embeddings.npy with ids.npy beside it.",
   )
-  f.DEFINE_string("labels", None, "CSV with columns ID,label (extra columns ignored).")
+  f.DEFINE_string(
+    "labels", None, "CSV with columns ID,label and optionally a patient column (case_id)."
+  )
   f.DEFINE_string(
     "splits",
     None,
