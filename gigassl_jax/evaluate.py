@@ -235,6 +235,16 @@ def patient_reps(reps: Reps, patients: dict, keep) -> Reps:
   return dataclasses.replace(reps, ids=list(rows), vectors=v.astype(np.float32))
 
 
+def _slides_of(split, labels: dict, patients: dict):
+  """A split of patients as the slides of those patients (labels order)."""
+  train, test = set(split.train), set(split.test)
+  return dataclasses.replace(
+    split,
+    train=tuple(x for x in labels if patients[x] in train),
+    test=tuple(x for x in labels if patients[x] in test),
+  )
+
+
 def patient_split(split, patients: dict):
   """A slide split as patients (a leaking patient stays on both sides, as given)."""
   return dataclasses.replace(
@@ -419,14 +429,7 @@ def run(
       # CV over patients directly: each patient is one item.
       plabels = splits_lib.patient_labels(labels, patients, str(labels_path))
       splits = splits_lib.kfold_splits(list(plabels), plabels, folds, subsets, seed, repeats)
-      splits = [
-        dataclasses.replace(
-          s,
-          train=tuple(x for x in labels if patients[x] in set(s.train)),
-          test=tuple(x for x in labels if patients[x] in set(s.test)),
-        )
-        for s in splits
-      ]
+      splits = [_slides_of(s, labels, patients) for s in splits]
     else:
       splits = splits_lib.kfold_splits(
         list(labels), labels, folds, subsets, seed, repeats, patients
@@ -439,9 +442,8 @@ def run(
     if splits_dir:
       for sp in splits:
         if leaks[sp.name]:
-          n_slides = sum(
-            patients[s] in set(splits_lib.leaking_patients(sp, patients)) for s in sp.test
-          )
+          leak = set(splits_lib.leaking_patients(sp, patients))
+          n_slides = sum(patients[s] in leak for s in sp.test)
           print(
             f"evaluate: {sp.source}: {leaks[sp.name]} patients have slides on both sides "
             f"({n_slides} test slides); run as given"
