@@ -17,8 +17,8 @@ set). Arms are timed in interleaved rounds (median of --repeats).
   (configs that fail to compile are recorded and skipped) and keeps the fastest
   per shape; the JSON (rewritten after each shape, temp + rename) lists every
   trial and the chosen config.
-Otherwise: compares igemm (the config chosen per shape in --configs files, else
-  the default) with `gather` and prints a table: ms, speed-up over gather,
+Otherwise: compares igemm (the config chosen per shape in --configs files, or
+  that of its SIBLING shape, else the default) with `gather` and prints a table: ms, speed-up over gather,
   TFLOP/s on real pairs (2 x pairs x C_in x C_out per product; fwd_bwd = 3
   products) and that rate as a share of the card's XLA TF32 GEMM rate
   (8192^3 float32 at default precision, measured here). It also prints the
@@ -46,6 +46,12 @@ from gigassl_jax.kernels.sparse_conv import gather, pairs, shapes
 from gigassl_jax.kernels.sparse_conv import pallas_gpu_igemm as igemm
 
 from gigassl_jax.sparse import maps, tables
+
+
+# A shape without a tuned config of its own takes its sibling's: the same site
+# pattern and channels, only more rows (tuning every shape does not fit one
+# 10-minute GPU call).
+SIBLING = {"train256": "train", "slide100k": "slide16k"}
 
 
 def _convs(name):
@@ -167,7 +173,9 @@ def compare(names, repeats, configs, out, argv):
   result = dict(_header(argv), gemm_tf32_tflops=gemm, records=[], max_rel_diff={})
   print(f"XLA GEMM 8192^3 float32 (default precision): {gemm:.0f} TFLOP/s", flush=True)
   for name in names:
-    cfg = igemm.IgemmConfig(**configs[name]) if name in configs else igemm.DEFAULT_CONFIG
+    tuned = configs.get(name, configs.get(SIBLING.get(name)))
+    cfg = igemm.DEFAULT_CONFIG if tuned is None else igemm.IgemmConfig(**tuned)
+    print(f"{name}: igemm {'tuned' if tuned else 'default'} config {cfg}", flush=True)
     arms, flops = {}, {}
     for label, rb, x, c_out in _convs(name):
       w = _weights(x.shape[-1], c_out)
