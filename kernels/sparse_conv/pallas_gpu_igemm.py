@@ -17,7 +17,7 @@ The design of FlexGEMM's masked implicit GEMM, written for this package:
      for t in range(meta[i, 0]):            # this block's valid taps only
        k = meta[i, 1 + t]
        rows = nbr_sorted[i*BM : (i+1)*BM, k] # input row per output row, -1 none
-       for c in range(C_in // BK):
+       for c in range(C_in // BK):          # (one flat loop over (t, c) in the kernel)
          acc += x[rows, c*BK : (c+1)*BK] @ w[k, c*BK : (c+1)*BK, j*BN : (j+1)*BN]
      out[perm[i*BM : (i+1)*BM], j*BN : (j+1)*BN] = acc   # scatter store
 
@@ -197,25 +197,26 @@ def _igemm_kernel(meta_ref, perm_ref, nbr_ref, x_ref, w_ref, o_ref, *, block_k, 
   # [BM, K] their input rows; x_ref: [N_in, C_in] whole (read by gather loads);
   # w_ref: [K, C_in, BN]; o_ref: [N_out, BN] whole column block (scatter store).
   bm = nbr_ref.shape[0]
-  c_in = x_ref.shape[1]
+  n_chan = x_ref.shape[1] // block_k
   bn = o_ref.shape[1]
 
-  def tap(t, acc):
+  # One flat loop over (valid tap t, input-channel block c): a single
+  # software-pipelined loop (num_stages) instead of a new pipeline per tap.
+  def step(u, acc):
+    t = jax.lax.div(u, n_chan)  # u >= 0: truncating division (jnp's // and % select on signs)
+    c = u - t * n_chan
     k = meta_ref[0, 1 + t]
     idx = nbr_ref[:, k]  # [BM] input rows through tap k, -1 = none
     ok = idx >= 0
     rows = jnp.where(ok, idx, 0)[:, None]
+    cols = (c * block_k + jnp.arange(block_k, dtype=jnp.int32))[None, :]
+    xk = pl_triton.load(x_ref.at[rows, cols], mask=ok[:, None], other=0)
+    wk = w_ref[k, pl.ds(c * block_k, block_k), :]
+    return acc + jnp.dot(xk, wk, precision=precision, preferred_element_type=jnp.float32)
 
-    def chan(c, acc):
-      cols = (c * block_k + jnp.arange(block_k, dtype=jnp.int32))[None, :]
-      xk = pl_triton.load(x_ref.at[rows, cols], mask=ok[:, None], other=0)
-      wk = w_ref[k, pl.ds(c * block_k, block_k), :]
-      return acc + jnp.dot(xk, wk, precision=precision, preferred_element_type=jnp.float32)
-
-    return jax.lax.fori_loop(0, c_in // block_k, chan, acc)
-
-  # Trip count = this block's number of valid taps (data-dependent).
-  acc = jax.lax.fori_loop(0, meta_ref[0, 0], tap, jnp.zeros((bm, bn), jnp.float32))
+  # Trip count = this block's number of valid taps (data-dependent) x channel blocks.
+  trips = meta_ref[0, 0] * n_chan
+  acc = jax.lax.fori_loop(0, trips, step, jnp.zeros((bm, bn), jnp.float32))
   dst = perm_ref[...]
   live = dst < n_rows  # sorted padding rows have no destination
   dst = jnp.where(live, dst, 0)[:, None]
