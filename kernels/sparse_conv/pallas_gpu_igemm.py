@@ -269,8 +269,8 @@ def _wgrad_kernel(
   # nbr_ref: int32 [n_pad, K] sorted table; x_ref: [N_in, C_in];
   # g_ref: [N_out, BN] column block b of the cotangent; o_ref: [1, BK, BN].
   q = pl.program_id(0)
-  k = q // split
-  s = q % split
+  k = jax.lax.div(q, split)  # q >= 0 (see _igemm_kernel on // and % in Triton)
+  s = q - k * split
   a = pl.program_id(1)
   bk, bn = o_ref.shape[1:]
   n_used = tb_ref[k, 0]
