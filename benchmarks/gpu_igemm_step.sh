@@ -32,7 +32,7 @@ step() {  # step NAME SECONDS COMMAND...
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 python3 -c "import jax, jaxlib; print('jax', jax.__version__, jax.devices())"
 
-step igemm_tests "${IGEMM_TESTS_S:-100}" python3 -m pytest -q -p no:cacheprovider \
+step igemm_tests "${IGEMM_TESTS_S:-120}" python3 -m pytest -q -p no:cacheprovider \
   tests/test_pallas_igemm.py
 
 step igemm_tune_train "${IGEMM_TUNE_S:-150}" python3 benchmarks/bench_igemm.py --tune \
@@ -42,6 +42,6 @@ step igemm_tune_slide "${IGEMM_TUNE_S:-150}" python3 benchmarks/bench_igemm.py -
   --shapes=slide16k --repeats=5 --out="$out/igemm_tune_slide.json"
 
 tuned=$(ls "$out"/igemm_tune_*.json 2>/dev/null | paste -sd, -)
-step igemm_bench "${IGEMM_BENCH_S:-150}" python3 benchmarks/bench_igemm.py \
+step igemm_bench "${IGEMM_BENCH_S:-140}" python3 benchmarks/bench_igemm.py \
   --shapes=train,train256,slide16k,slide100k --repeats="${GPU_REPEATS:-10}" \
   --configs="$tuned" --out="$out/igemm_bench.json"
