@@ -167,18 +167,16 @@ def _bench_convs(name):
   return [("strided", rb_s, sh.c_in, sh.c_out), ("subm", rb_m, sh.c_out, sh.c_out)]
 
 
-@pytest.mark.parametrize("name", shapes.NAMES)
-def test_cuda_lowering_at_bench_shapes(name, monkeypatch):
-  """Forward and backward lower to the two Triton kernels at every bench shape, default config."""
-  monkeypatch.setattr(igemm, "_on_gpu", lambda: True)  # lower for cuda from any host
+def _lower_fwd_bwd(name, configs, dtypes):
+  """Lowers forward and backward for cuda; asserts which Triton kernels each holds."""
   for label, rb, c_in, c_out in _bench_convs(name):
-    for dtype in (jnp.float32, jnp.bfloat16):
+    for dtype, cfg in ((d, c) for d in dtypes for c in configs):
       x = jax.ShapeDtypeStruct(rb.in_mask.shape + (c_in,), dtype)
       w = jax.ShapeDtypeStruct((9, c_in, c_out), dtype)
       (ct,) = _sds(jnp.zeros(rb.out_mask.shape + (c_out,), jnp.float32))
 
-      def fwd(a, b, rb):
-        return igemm.conv_pallas_gpu_igemm(a, b, rb)
+      def fwd(a, b, rb, cfg=cfg):
+        return igemm.conv_pallas_gpu_igemm(a, b, rb, config=cfg)
 
       def bwd(a, b, rb, c):
         _, vjp = jax.vjp(lambda a, b: fwd(a, b, rb), a, b)
@@ -191,4 +189,21 @@ def test_cuda_lowering_at_bench_shapes(name, monkeypatch):
         with _target("cuda"):
           text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
         got = set(re.findall(r"_(?:igemm|wgrad)_kernel", text))
-        assert got == want, f"{name} {label} {jnp.dtype(dtype).name} {fn.__name__}: {got}"
+        assert got == want, f"{name} {label} {jnp.dtype(dtype).name} {cfg} {fn.__name__}: {got}"
+
+
+@pytest.mark.parametrize("name", shapes.NAMES)
+def test_cuda_lowering_at_bench_shapes(name, monkeypatch):
+  """Forward and backward lower to the two Triton kernels at every bench shape, default config."""
+  monkeypatch.setattr(igemm, "_on_gpu", lambda: True)  # lower for cuda from any host
+  _lower_fwd_bwd(name, [igemm.DEFAULT_CONFIG], (jnp.float32, jnp.bfloat16))
+
+
+def test_cuda_lowering_of_tuning_grid(monkeypatch):
+  """Every tuning candidate lowers for cuda (slide16k, float32).
+
+  Shared-memory and register limits are only checked when Triton compiles on a
+  GPU; the tuning records a candidate that fails there and goes on.
+  """
+  monkeypatch.setattr(igemm, "_on_gpu", lambda: True)
+  _lower_fwd_bwd("slide16k", igemm.tuning_grid(), (jnp.float32,))
