@@ -1,7 +1,8 @@
 """Linear evaluation of slide representations: `python -m gigassl_jax.evaluate`.
 
     python -m gigassl_jax.evaluate --reps=giga.npz,mean.npz --labels=labels.csv \
-        [--splits=DIR] [--out=DIR] [--workdir=RUN]
+        [--splits=DIR [--splits_fix=drop_leaking]] [--level=slide|patient] \
+        [--patient_column=case_id] [--out=DIR] [--workdir=RUN]
 
 The protocol of method.md section 7 (the reference's linear_evaluation.py):
 logistic regression (L2, C = 10, class_weight balanced, no feature scaling,
@@ -10,6 +11,17 @@ splits. Splits are either the reference's fixed files (a folder of
 `split_K.csv` with columns `train,test`, or a task folder whose subfolders
 `full`, `25p`, `100`, `50` each hold such files) or stratified k-fold CV, with
 optional data-fraction subsets of each training fold (`--subsets=full,25p,50`).
+
+Patients: when the labels carry a patient column (`case_id`, or
+--patient_column), k-fold CV is stratified group k-fold (a patient never on
+both sides; subsets count and draw patients), fixed splits that put a patient
+on both sides are run as given but reported (one stderr line per split, a row
+of the table), and --splits_fix=drop_leaking adds their numbers without the
+leaking test slides. --level=patient averages a patient's slide vectors (then
+L2) and scores patients. See docs/evaluate.md for why.
+
+Representation files: gigassl_jax.reps (our .npz, and the published .npy
+slide embeddings, read without running pickled code).
 
 Several representation files (e.g. Giga-SSL and its baselines) are evaluated
 on exactly the same splits. Outputs in --out: results.md, results.csv (one row
@@ -32,113 +44,14 @@ import sys
 
 import numpy as np
 
+from gigassl_jax import reps as reps_lib
 from gigassl_jax import splits as splits_lib
-from gigassl_jax.splits import EvalError  # noqa: F401  (re-exported)
+from gigassl_jax.reps import Reps, RepsError, load_reps, save_reps  # noqa: F401  (re-exported)
+from gigassl_jax.splits import EvalError
 
 # The reference's probe settings (linear_evaluation.py).
 C = 10.0
 MAX_ITER = 1000
-
-
-@dataclasses.dataclass(frozen=True)
-class Reps:
-  """Slide representations of one method.
-
-  Attributes:
-    method: display name (the file's `method` field, else its stem).
-    path: the file read.
-    ids: list[str] [N] slide ids.
-    vectors: float32 [N, D].
-  """
-
-  method: str
-  path: str
-  ids: list
-  vectors: np.ndarray
-
-  def index(self) -> dict:
-    return {s: i for i, s in enumerate(self.ids)}
-
-
-# --------------------------------------------------------------------------
-# Representation files.
-
-
-def save_reps(path, ids, vectors, method: str, meta: dict | None = None) -> pathlib.Path:
-  """Writes representations atomically: `path` (.npz) and `<stem>_ids.csv`.
-
-  Args:
-    path: output .npz file.
-    ids: [N] slide ids.
-    vectors: float [N, D].
-    method: display name stored in the file (used as the table's row name).
-    meta: JSON-serialisable provenance.
-  """
-  path = pathlib.Path(path)
-  if path.suffix != ".npz":
-    path = path.with_name(path.name + ".npz")
-  vectors = np.asarray(vectors, np.float32)
-  ids = [str(s) for s in ids]
-  if vectors.ndim != 2 or vectors.shape[0] != len(ids):
-    raise ValueError(f"{path}: vectors {vectors.shape} do not match {len(ids)} ids")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  with open(tmp, "wb") as f:
-    np.savez(
-      f,
-      ids=np.array(ids),
-      reps=vectors,
-      method=np.array(method),
-      meta=np.array(json.dumps(meta or {}, sort_keys=True)),
-    )
-  os.replace(tmp, path)
-  ids_csv = path.with_name(path.stem + "_ids.csv")
-  tmp = ids_csv.with_name(f".{ids_csv.name}.tmp-{os.getpid()}")
-  with open(tmp, "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(["row", "ID"])
-    w.writerows(enumerate(ids))
-  os.replace(tmp, ids_csv)
-  return path
-
-
-def load_reps(path) -> Reps:
-  """Reads a representation file written by `save_reps` (or gigassl_jax.encode).
-
-  Raises:
-    EvalError: missing file or keys, shape mismatch, duplicate ids, NaN/inf rows.
-  """
-  path = str(path)
-  if not os.path.isfile(path):
-    raise EvalError(f"{path}: representation file not found")
-  try:
-    with np.load(path, allow_pickle=False) as z:
-      missing = {"ids", "reps"} - set(z.files)
-      if missing:
-        raise EvalError(
-          f"{path}: not a representation file (keys {sorted(z.files)}, missing {sorted(missing)})"
-        )
-      ids = [str(s) for s in z["ids"]]
-      vectors = np.asarray(z["reps"], np.float32)
-      method = str(z["method"]) if "method" in z.files else pathlib.Path(path).stem
-  except (OSError, ValueError) as e:
-    if isinstance(e, EvalError):
-      raise
-    raise EvalError(f"{path}: cannot read representations: {e}") from e
-  if vectors.ndim != 2 or vectors.shape[0] != len(ids):
-    raise EvalError(f"{path}: 'reps' has shape {vectors.shape}, expected [{len(ids)}, D]")
-  bad = ~np.isfinite(vectors).all(axis=1)
-  if bad.any():
-    r = int(np.argmax(bad))
-    raise EvalError(
-      f"{path}: row {r} (slide {ids[r]!r}) has NaN or inf values ({int(bad.sum())} such rows)"
-    )
-  seen = {}
-  for r, s in enumerate(ids):
-    if s in seen:
-      raise EvalError(f"{path}: slide {s!r} appears twice (rows {seen[s]} and {r})")
-    seen[s] = r
-  return Reps(method=method, path=path, ids=ids, vectors=vectors)
 
 
 def probe(x_train, y_train, x_test, y_test, n_classes: int, max_iter: int = MAX_ITER) -> float:
@@ -168,16 +81,27 @@ def probe(x_train, y_train, x_test, y_test, n_classes: int, max_iter: int = MAX_
   )
 
 
-def evaluate(reps_list: list, labels: dict, splits: list, progress: bool = True) -> list:
+def evaluate(
+  reps_list: list,
+  labels: dict,
+  splits: list,
+  progress: bool = True,
+  leaks: dict | None = None,
+  level: str = "slide",
+) -> list:
   """Runs the probe for every method on every split.
 
   Args:
-    reps_list: list of Reps (already checked against labels and splits).
+    reps_list: list of Reps (already checked against labels and splits); at
+      patient level their ids are patients.
     labels: id -> label.
     splits: list of Split.
+    leaks: split name -> patients on both sides (None: patients unknown).
+    level: "slide" or "patient" (what the ids, hence the AUC, count).
 
   Returns:
-    per-split records: dict(method, subset, split, n_train, n_test, auc).
+    per-split records: dict(method, subset, split, level, n_train, n_test,
+    leaking_patients, auc); leaking_patients is None when patients are unknown.
   """
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
 
@@ -204,9 +128,16 @@ def evaluate(reps_list: list, labels: dict, splits: list, progress: bool = True)
         len(classes),
       )
       records.append(
-        dict(
-          method=r.method, subset=sp.subset, split=sp.name, n_train=len(tr), n_test=len(te), auc=auc
-        )
+        {
+          "method": r.method,
+          "subset": sp.subset,
+          "split": sp.name,
+          "level": level,
+          "n_train": len(tr),
+          "n_test": len(te),
+          "leaking_patients": None if leaks is None else leaks.get(sp.name, 0),
+          "auc": auc,
+        }
       )
       bar.set_postfix_str(f"{r.method} {sp.name}")
       bar.update()
@@ -222,22 +153,31 @@ def summarize(records: list) -> list:
   rows = []
   for (method, subset), recs in groups.items():
     a = np.array([x["auc"] for x in recs])
+    leak = [x.get("leaking_patients") for x in recs]
+    known = None not in leak
     rows.append(
-      dict(
-        method=method,
-        subset=subset,
-        n_splits=len(recs),
-        n_train=int(np.median([x["n_train"] for x in recs])),
-        n_test=int(np.median([x["n_test"] for x in recs])),
-        auc_mean=float(a.mean()),
-        auc_std=float(a.std()),
-      )
+      {
+        "method": method,
+        "subset": subset,
+        "level": recs[0].get("level", "slide"),
+        "n_splits": len(recs),
+        "n_train": int(np.median([x["n_train"] for x in recs])),
+        "n_test": int(np.median([x["n_test"] for x in recs])),
+        "leaking_patients_min": min(leak) if known else None,
+        "leaking_patients_max": max(leak) if known else None,
+        "auc_mean": float(a.mean()),
+        "auc_std": float(a.std()),
+      }
     )
   return rows
 
 
 def markdown_table(rows: list) -> str:
-  """Methods as rows, subsets as columns, cells 'mean +- std'."""
+  """Methods as rows, subsets as columns, cells 'mean +- std'.
+
+  With known patients, a last row gives the patients on both sides of each
+  subset's splits (min-max); the note under the table says the level.
+  """
   subsets = list(dict.fromkeys(r["subset"] for r in rows))
   methods = list(dict.fromkeys(r["method"] for r in rows))
   cell = {(r["method"], r["subset"]): r for r in rows}
@@ -252,12 +192,66 @@ def markdown_table(rows: list) -> str:
       r = cell.get((m, s))
       vals.append("" if r is None else f"{r['auc_mean']:.3f} +- {r['auc_std']:.3f}")
     lines.append("| " + " | ".join([m] + vals) + " |")
+  if rows and all(r.get("leaking_patients_max") is not None for r in rows):
+    vals = []
+    for s in subsets:
+      r = cell[next((m, s) for m in methods if (m, s) in cell)]
+      lo, hi = r["leaking_patients_min"], r["leaking_patients_max"]
+      vals.append(str(lo) if lo == hi else f"{lo}-{hi}")
+    lines.append("| " + " | ".join(["patients on both sides (per split)"] + vals) + " |")
   n = rows[0]["n_splits"] if rows else 0
+  level = rows[0].get("level", "slide") if rows else "slide"
+  what = (
+    "one vector per slide, AUC over test slides"
+    if level == "slide"
+    else "slide vectors of a patient averaged then L2-normalised, AUC over test patients"
+  )
   lines.append(
-    f"\nROC-AUC (macro one-vs-rest for > 2 classes), mean +- std over {n} splits; "
+    f"\nLevel: {level} ({what}). "
+    f"ROC-AUC (macro one-vs-rest for > 2 classes), mean +- std over {n} splits; "
     "logistic regression L2, C=10, class_weight balanced, no scaling."
   )
   return "\n".join(lines)
+
+
+def patient_reps(reps: Reps, patients: dict, keep) -> Reps:
+  """One vector per patient: the mean of its slides' vectors, then L2-normalised.
+
+  Args:
+    reps: slide vectors.
+    patients: slide id -> patient id.
+    keep: slide ids to use (labelled slides with a vector), in a fixed order.
+
+  Returns:
+    Reps whose ids are patients (first-seen order of `keep`), vectors float32 [P, D].
+  """
+  idx = reps.index()
+  rows: dict = {}
+  for s in keep:
+    rows.setdefault(patients[s], []).append(idx[s])
+  # float64 mean so the result does not depend on the slides' order beyond rounding.
+  v = np.stack([reps.vectors[r].astype(np.float64).mean(0) for r in rows.values()])
+  v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+  return dataclasses.replace(reps, ids=list(rows), vectors=v.astype(np.float32))
+
+
+def _slides_of(split, labels: dict, patients: dict):
+  """A split of patients as the slides of those patients (labels order)."""
+  train, test = set(split.train), set(split.test)
+  return dataclasses.replace(
+    split,
+    train=tuple(x for x in labels if patients[x] in train),
+    test=tuple(x for x in labels if patients[x] in test),
+  )
+
+
+def patient_split(split, patients: dict):
+  """A slide split as patients (a leaking patient stays on both sides, as given)."""
+  return dataclasses.replace(
+    split,
+    train=tuple(dict.fromkeys(patients[s] for s in split.train)),
+    test=tuple(dict.fromkeys(patients[s] for s in split.test)),
+  )
 
 
 def _write_csv(path: pathlib.Path, rows: list):
@@ -385,25 +379,101 @@ def run(
   workdir=None,
   drop_missing: bool = False,
   progress: bool = True,
+  patient_column: str | None = "case_id",
+  level: str = "slide",
+  splits_fix: str | None = None,
 ) -> dict:
-  """Everything the CLI does; returns {"rows", "records", "markdown", "files"}."""
-  reps_list = [load_reps(p) for p in reps_paths]
+  """Everything the CLI does; returns {"rows", "records", "markdown", "files"}.
+
+  patient_column: the labels' patient column ("case_id" is used when present;
+    another name must exist; None or "none": no patients). With patients, k-fold
+    CV is patient-grouped and fixed splits are checked for patients on both sides.
+  level: "slide" or "patient" (needs patients).
+  splits_fix: None, or "drop_leaking": each fixed split is also evaluated
+    without the test slides of patients on both sides, next to the as-given one.
+  """
+  if level not in ("slide", "patient"):
+    raise EvalError(f"--level must be 'slide' or 'patient', got {level!r}")
+  if splits_fix not in (None, "", "none", "drop_leaking"):
+    raise EvalError(f"--splits_fix must be 'drop_leaking' or 'none', got {splits_fix!r}")
+  reps_list = []
+  for p in reps_paths:
+    try:
+      reps_list.append(reps_lib.load_reps(p))
+    except RepsError as e:
+      raise EvalError(str(e)) from e
   names = [r.method for r in reps_list]
   if len(set(names)) != len(names):
     reps_list = [
       dataclasses.replace(r, method=f"{r.method} ({pathlib.Path(r.path).stem})") for r in reps_list
     ]
   labels = splits_lib.load_labels(labels_path)
+  patients = splits_lib.load_patients(
+    labels_path, patient_column, required=patient_column not in (None, "case_id")
+  )
+  if level == "patient" and patients is None:
+    raise EvalError(
+      f"{labels_path}: --level=patient needs a patient column "
+      f"({patient_column!r} not found; name it with --patient_column)"
+    )
   splits = splits_lib.load_splits(splits_dir) if splits_dir else None
   labels, splits = splits_lib.check_inputs(
     reps_list, labels, str(labels_path), splits, drop_missing
   )
+  if patients is not None and level == "patient":
+    # Fail early when a patient's slides disagree on the label.
+    splits_lib.patient_labels(labels, patients, str(labels_path))
+  leaks = None
   if splits is None:
-    splits = splits_lib.kfold_splits(list(labels), labels, folds, subsets, seed, repeats)
+    if level == "patient":
+      # CV over patients directly: each patient is one item.
+      plabels = splits_lib.patient_labels(labels, patients, str(labels_path))
+      splits = splits_lib.kfold_splits(list(plabels), plabels, folds, subsets, seed, repeats)
+      splits = [_slides_of(s, labels, patients) for s in splits]
+    else:
+      splits = splits_lib.kfold_splits(
+        list(labels), labels, folds, subsets, seed, repeats, patients
+      )
     labels, splits = splits_lib.check_inputs(
       reps_list, labels, str(labels_path), splits, drop_missing
     )
-  records = evaluate(reps_list, labels, splits, progress)
+  if patients is not None:
+    leaks = {sp.name: len(splits_lib.leaking_patients(sp, patients)) for sp in splits}
+    if splits_dir:
+      for sp in splits:
+        if leaks[sp.name]:
+          leak = set(splits_lib.leaking_patients(sp, patients))
+          n_slides = sum(patients[s] in leak for s in sp.test)
+          print(
+            f"evaluate: {sp.source}: {leaks[sp.name]} patients have slides on both sides "
+            f"({n_slides} test slides); run as given"
+            + ("" if splits_fix == "drop_leaking" else " (--splits_fix=drop_leaking drops them)"),
+            file=sys.stderr,
+          )
+    if splits_fix == "drop_leaking":
+      by_subset: dict = {}
+      for sp in splits:
+        by_subset.setdefault(sp.subset, []).append(sp)
+      splits = []
+      for group in by_subset.values():
+        dropped = [splits_lib.drop_leaking(sp, patients) for sp in group]
+        splits += group + dropped
+        for sp in dropped:
+          leaks[sp.name] = 0
+      labels, splits = splits_lib.check_inputs(
+        reps_list, labels, str(labels_path), splits, drop_missing
+      )
+  elif splits_fix == "drop_leaking":
+    raise EvalError(
+      f"{labels_path}: --splits_fix=drop_leaking needs a patient column "
+      f"({patient_column!r} not found; name it with --patient_column)"
+    )
+  if level == "patient":
+    keep = list(labels)
+    reps_list = [patient_reps(r, patients, keep) for r in reps_list]
+    splits = [patient_split(sp, patients) for sp in splits]
+    labels = splits_lib.patient_labels(labels, patients, str(labels_path))
+  records = evaluate(reps_list, labels, splits, progress, leaks, level)
   rows = summarize(records)
   md = markdown_table(rows)
   files = []
@@ -430,10 +500,13 @@ def _define_flags():
   f.DEFINE_list(
     "reps",
     None,
-    "Representation files (.npz from gigassl_jax.encode), comma "
-    "separated; all evaluated on the same splits.",
+    "Representation files, comma separated, all evaluated on the same splits: .npz from "
+    "gigassl_jax.encode, a .npy dict {slide_id: vector} (TCGA-gigassl_{encoder}.npy), or "
+    "embeddings.npy with ids.npy beside it.",
   )
-  f.DEFINE_string("labels", None, "CSV with columns ID,label (extra columns ignored).")
+  f.DEFINE_string(
+    "labels", None, "CSV with columns ID,label and optionally a patient column (case_id)."
+  )
   f.DEFINE_string(
     "splits",
     None,
@@ -446,6 +519,26 @@ def _define_flags():
   f.DEFINE_integer("repeats", 1, "Repetitions of the k-fold CV (seeds seed, seed + 1, ...).")
   f.DEFINE_string("out", None, "Output folder: results.md/csv, per_split.csv, pca.png.")
   f.DEFINE_string("workdir", None, "Training run folder; its metrics.jsonl gives loss.png.")
+  f.DEFINE_string(
+    "patient_column",
+    "case_id",
+    "Labels column naming each slide's patient (used when present; 'none' ignores it). "
+    "With it, k-fold CV groups by patient and fixed splits are checked for leaking patients.",
+  )
+  f.DEFINE_enum(
+    "level",
+    "slide",
+    ["slide", "patient"],
+    "slide: one vector and one AUC item per slide; patient: a patient's slide vectors "
+    "averaged then L2-normalised, AUC over patients.",
+  )
+  f.DEFINE_enum(
+    "splits_fix",
+    "none",
+    ["none", "drop_leaking"],
+    "drop_leaking: also evaluate each fixed split without the test slides of patients "
+    "that sit on both sides, reported next to the as-given numbers.",
+  )
   f.DEFINE_bool(
     "drop_missing",
     False,
@@ -470,9 +563,17 @@ def main(argv):
       repeats=fl.repeats,
       workdir=fl.workdir,
       drop_missing=fl.drop_missing,
+      patient_column=fl.patient_column,
+      level=fl.level,
+      splits_fix=fl.splits_fix,
     )
   except EvalError as e:
     print(f"evaluate: error: {e}", file=sys.stderr)
+    return 2
+  except (OSError, UnicodeDecodeError, csv.Error) as e:
+    # Unreadable files or folders (permissions, not UTF-8, broken CSV): one line, no traceback.
+    where = getattr(e, "filename", None)
+    print(f"evaluate: error: {where + ': ' if where else ''}{e}", file=sys.stderr)
     return 2
   print(res["markdown"])
   for p in res["files"]:

@@ -1,7 +1,11 @@
 """Labels, train/test splits and their consistency checks for linear evaluation.
 
-Labels: a CSV with columns `ID,label` (the reference's tables also have
-`case_id`, ignored). Splits: the reference's `split_K.csv` files (columns
+Labels: a CSV with columns `ID,label`, and optionally a patient column
+(`case_id` in the reference's tables). Several slides of one patient carry
+the patient's identity in their vectors, so a patient on both sides of a
+split inflates the AUC: with a patient column, k-fold CV groups by patient and
+fixed splits are checked for patients on both sides (`leaking_patients`).
+Splits: the reference's `split_K.csv` files (columns
 `train,test` of slide ids, the shorter column padded with empty cells), either
 one folder of them or a task folder with one subfolder per data fraction
 (`full`, `25p`, `100`, `50`); or stratified k-fold CV with stratified
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import os
 import pathlib
 import re
@@ -50,6 +55,20 @@ class Split:
 # Reading labels and split files.
 
 
+def _names_the_file(fn):
+  """A CSV that is not UTF-8 or not CSV becomes an EvalError naming the file (arg 0)."""
+
+  @functools.wraps(fn)
+  def wrapped(path, *args, **kwargs):
+    try:
+      return fn(path, *args, **kwargs)
+    except (UnicodeDecodeError, csv.Error) as e:
+      raise EvalError(f"{path}: not a readable UTF-8 CSV ({e})") from e
+
+  return wrapped
+
+
+@_names_the_file
 def load_labels(path) -> dict:
   """Reads a labels CSV with columns `ID,label` (extra columns such as case_id ignored).
 
@@ -86,6 +105,110 @@ def load_labels(path) -> dict:
   return labels
 
 
+@_names_the_file
+def load_patients(path, column: str | None = "case_id", required: bool = False) -> dict | None:
+  """Reads the patient of each slide from a labels CSV.
+
+  Args:
+    path: the labels CSV (already checked by load_labels).
+    column: the patient column; None or "none" means no patients.
+    required: fail when the column is absent (the user named it) instead of
+      returning None (the default `case_id` is optional).
+
+  Returns:
+    {slide id: patient id}, or None without a patient column.
+
+  Raises:
+    EvalError: the named column is missing, or a labelled row has no patient.
+  """
+  if column is None or column.lower() == "none" or not column:
+    return None
+  path = str(path)
+  with open(path, newline="", encoding="utf-8-sig") as f:
+    reader = csv.DictReader(f)
+    cols = reader.fieldnames or []
+    if column not in cols:
+      if required:
+        raise EvalError(f"{path}: no patient column {column!r} (--patient_column; found {cols})")
+      return None
+    out = {}
+    for row in reader:
+      sid = (row.get("ID") or "").strip()
+      if not sid:
+        continue
+      pat = (row.get(column) or "").strip()
+      if not pat:
+        raise EvalError(f"{path} line {reader.line_num}: slide {sid!r} has an empty {column!r}")
+      out[sid] = pat
+  return out
+
+
+def patient_labels(labels: dict, patients: dict, labels_path: str = "labels") -> dict:
+  """{patient: label}; a patient whose slides carry different labels is an error."""
+  out, first = {}, {}
+  for s, lab in labels.items():
+    p = patients[s]
+    if p in out and out[p] != lab:
+      raise EvalError(
+        f"{labels_path}: patient {p!r} has slides of two labels ({first[p]!r} is "
+        f"{out[p]!r}, {s!r} is {lab!r}): patient-level evaluation needs one label per patient"
+      )
+    out.setdefault(p, lab)
+    first.setdefault(p, s)
+  return out
+
+
+def leaking_patients(split: Split, patients: dict) -> list:
+  """Patients with slides on both sides of a split (sorted); slides without a patient ignored."""
+  train = {patients[s] for s in split.train if s in patients}
+  return sorted({patients[s] for s in split.test if s in patients} & train)
+
+
+def drop_leaking(split: Split, patients: dict) -> Split:
+  """The split without the test slides of patients that also sit in its training set."""
+  leak = set(leaking_patients(split, patients))
+  return dataclasses.replace(
+    split,
+    subset=f"{split.subset} drop_leaking",
+    name=f"{split.name} drop_leaking",
+    test=tuple(s for s in split.test if patients.get(s) not in leak),
+  )
+
+
+def count_leaks(ref_dir) -> list:
+  """Leaking patients of every fixed split of the reference's evaluation folder.
+
+  Args:
+    ref_dir: a folder with `tables/{task}.csv` (ID,label,case_id) and
+      `splitdirs/{task}/{subset}/split_K.csv`.
+
+  Returns:
+    one dict per split file: task, subset, split, n_train, n_test (slides in
+    the file), leaking_patients, leaking_test_slides (test slides of those
+    patients). Split slides absent from the table have no patient and do not count.
+  """
+  ref = pathlib.Path(ref_dir)
+  out = []
+  for table in sorted((ref / "tables").glob("*.csv")):
+    task = table.stem
+    patients = load_patients(table, "case_id", required=True)
+    for sp in load_splits(ref / "splitdirs" / task):
+      leak = set(leaking_patients(sp, patients))
+      out.append(
+        {
+          "task": task,
+          "subset": sp.subset,
+          "split": pathlib.Path(sp.source).stem,
+          "n_train": len(sp.train),
+          "n_test": len(sp.test),
+          "leaking_patients": len(leak),
+          "leaking_test_slides": sum(patients.get(s) in leak for s in sp.test),
+        }
+      )
+  return out
+
+
+@_names_the_file
 def read_split_file(path, subset: str) -> Split:
   """Reads one `split_K.csv` (columns train,test; shorter column padded with empty cells)."""
   path = str(path)
@@ -165,7 +288,9 @@ def parse_subset(spec: str):
   )
 
 
-def subsample(train: list, labels: dict, spec: str, rng: np.random.Generator) -> list:
+def subsample(
+  train: list, labels: dict, spec: str, rng: np.random.Generator, patients: dict | None = None
+) -> list:
   """A stratified subset of the training slides (every class kept at least once).
 
   Args:
@@ -173,10 +298,17 @@ def subsample(train: list, labels: dict, spec: str, rng: np.random.Generator) ->
     labels: id -> label.
     spec: subset spec (see parse_subset).
     rng: numpy Generator.
+    patients: slide -> patient; when given, the spec counts patients and whole
+      patients are drawn (all their training slides), stratified by patient label.
 
   Returns:
-    the chosen ids (all of `train` when the size reaches it).
+    the chosen ids (all of `train` when the size reaches it), in `train` order.
   """
+  if patients is not None:
+    units = list(dict.fromkeys(patients[s] for s in train))
+    unit_labels = patient_labels({s: labels[s] for s in train}, patients)
+    chosen = set(subsample(units, unit_labels, spec, rng))
+    return [s for s in train if patients[s] in chosen]
   kind = parse_subset(spec)
   if kind is None:
     return list(train)
@@ -186,7 +318,9 @@ def subsample(train: list, labels: dict, spec: str, rng: np.random.Generator) ->
   y = np.array([labels[s] for s in train])
   classes, counts = np.unique(y, return_counts=True)
   if n < len(classes):
-    raise EvalError(f"subset {spec!r}: {n} training slides cannot hold all {len(classes)} classes")
+    raise EvalError(
+      f"subset {spec!r}: {n} training slides (or patients) cannot hold all {len(classes)} classes"
+    )
   # Largest-remainder quotas proportional to the class counts, at least 1 each.
   raw = counts * n / len(train)
   quota = np.maximum(1, np.floor(raw)).astype(int)
@@ -205,9 +339,19 @@ def subsample(train: list, labels: dict, spec: str, rng: np.random.Generator) ->
 
 
 def kfold_splits(
-  ids: list, labels: dict, folds: int = 5, subsets=("full",), seed: int = 0, repeats: int = 1
+  ids: list,
+  labels: dict,
+  folds: int = 5,
+  subsets=("full",),
+  seed: int = 0,
+  repeats: int = 1,
+  patients: dict | None = None,
 ) -> list:
   """Stratified k-fold splits of the labelled slides, each fold's training set subsampled.
+
+  With `patients`, the folds are stratified group k-fold over patients (a
+  patient's slides all sit in one test fold, never on both sides), and every
+  subset counts and draws patients.
 
   Args:
     ids: slide ids to split (all labelled).
@@ -217,38 +361,54 @@ def kfold_splits(
     seed: seeds both the folds and the subsets.
     repeats: the k-fold partition is drawn this many times (repetition i uses
       seed + i), for more stable means on small cohorts.
+    patients: slide id -> patient id, or None for slide-level folds.
 
   Returns:
     list of Split, subset-major.
   """
-  from sklearn.model_selection import StratifiedKFold  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
   y = np.array([labels[s] for s in ids])
-  classes, counts = np.unique(y, return_counts=True)
+  if patients is None:
+    classes, counts = np.unique(y, return_counts=True)
+    unit = "slides"
+  else:
+    plab = patient_labels({s: labels[s] for s in ids}, patients)
+    classes, counts = np.unique(list(plab.values()), return_counts=True)
+    unit = "patients"
+  if folds < 2:
+    raise EvalError(f"--folds must be >= 2, got {folds}")
   if counts.min() < folds:
     c = classes[np.argmin(counts)]
     raise EvalError(
-      f"class {c!r} has {counts.min()} slides, fewer than --folds={folds}: "
-      "use fewer folds or more slides"
+      f"class {str(c)!r} has {counts.min()} {unit}, fewer than --folds={folds}: "
+      f"use fewer folds or more {unit}"
     )
   if repeats < 1:
     raise EvalError(f"--repeats must be >= 1, got {repeats}")
   base = []
   for i in range(repeats):
-    skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed + i)
-    base += [(tr, te) for tr, te in skf.split(np.zeros(len(ids)), y)]
+    if patients is None:
+      skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed + i)
+      base += [(tr, te) for tr, te in skf.split(np.zeros(len(ids)), y)]
+    else:
+      groups = np.array([patients[s] for s in ids])
+      sgkf = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed + i)
+      base += [(tr, te) for tr, te in sgkf.split(np.zeros(len(ids)), y, groups)]
   out = []
   for spec in subsets:
     parse_subset(spec)  # fail early on a bad spec
     rng = np.random.default_rng([seed, zlib.crc32(spec.encode())])
     for k, (tr, te) in enumerate(base):
-      train = subsample([ids[i] for i in tr], labels, spec, rng)
+      train = subsample([ids[i] for i in tr], labels, spec, rng, patients)
       rep, fold = divmod(k, folds)
+      kind = "stratified" if patients is None else "patient-grouped stratified"
       out.append(
         Split(
           subset=spec,
           name=f"{spec}/rep_{rep}_fold_{fold}",
-          source=f"stratified {folds}-fold CV (seed {seed + rep}), fold {fold}",
+          source=f"{kind} {folds}-fold CV (seed {seed + rep}), fold {fold}",
           train=tuple(train),
           test=tuple(ids[i] for i in te),
         )
@@ -278,11 +438,24 @@ def check_inputs(
       f"{who.path} ({len(missing)} labelled slides missing in all); pass --drop_missing "
       "to evaluate on the slides that have one (the reference does so)"
     )
+  if missing and len(missing) == len(labels):
+    first = next(iter(reps_list[0].ids), None)
+    raise EvalError(
+      f"{labels_path}: none of its {len(labels)} labelled slides has a representation in "
+      f"{' and '.join(r.path for r in reps_list)} (first label id {missing[0]!r}, first "
+      f"representation id {first!r}): --drop_missing leaves nothing to evaluate"
+    )
   if missing:
     print(
       f"evaluate: dropping {len(missing)} labelled slides with no representation", file=sys.stderr
     )
     labels = {s: v for s, v in labels.items() if s in have}
+    left = sorted(set(labels.values()))
+    if len(left) < 2:
+      raise EvalError(
+        f"{labels_path}: after --drop_missing only class(es) {left} have representations "
+        "(ROC-AUC needs two)"
+      )
   if splits is None:
     return labels, None
   out, lines, left_out = [], _label_lines(labels_path), {}
@@ -363,3 +536,95 @@ def _split_line(path, sid) -> int | str:
   except OSError:
     pass
   return "?"
+
+
+# --------------------------------------------------------------------------
+# `python -m gigassl_jax.splits --leaks DIR [--out STEM]`: leak counts of fixed splits.
+
+
+def leak_summary(rows: list) -> list:
+  """Per (task, subset): splits, min/max leaking patients, min/max leaking test slides."""
+  groups: dict = {}
+  for r in rows:
+    groups.setdefault((r["task"], r["subset"]), []).append(r)
+  return [
+    {
+      "task": t,
+      "subset": s,
+      "n_splits": len(g),
+      "n_test": int(np.median([r["n_test"] for r in g])),
+      "leaking_patients_min": min(r["leaking_patients"] for r in g),
+      "leaking_patients_max": max(r["leaking_patients"] for r in g),
+      "leaking_test_slides_min": min(r["leaking_test_slides"] for r in g),
+      "leaking_test_slides_max": max(r["leaking_test_slides"] for r in g),
+    }
+    for (t, s), g in groups.items()
+  ]
+
+
+def leak_markdown(summary: list) -> str:
+  lines = [
+    (
+      "| task | subset | splits | test slides (median) | leaking patients (min-max) "
+      "| their test slides (min-max) |"
+    ),
+    "|---|---|---|---|---|---|",
+  ]
+  for r in summary:
+    lines.append(
+      f"| {r['task']} | {r['subset']} | {r['n_splits']} | {r['n_test']} | "
+      f"{r['leaking_patients_min']}-{r['leaking_patients_max']} | "
+      f"{r['leaking_test_slides_min']}-{r['leaking_test_slides_max']} |"
+    )
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  import argparse  # pylint: disable=import-outside-toplevel
+  import datetime  # pylint: disable=import-outside-toplevel
+  import json  # pylint: disable=import-outside-toplevel
+  import platform  # pylint: disable=import-outside-toplevel
+
+  ap = argparse.ArgumentParser(prog="python -m gigassl_jax.splits")
+  ap.add_argument(
+    "--leaks",
+    required=True,
+    help="folder with tables/{task}.csv (ID,label,case_id) and splitdirs/{task}/...",
+  )
+  ap.add_argument("--out", help="write OUT.json (every split) and OUT.md (summary table)")
+  args = ap.parse_args(argv)
+  try:
+    rows = count_leaks(args.leaks)
+  except EvalError as e:
+    print(f"splits: error: {e}", file=sys.stderr)
+    return 2
+  summary = leak_summary(rows)
+  md = leak_markdown(summary)
+  if args.out:
+    cmd = "python -m gigassl_jax.splits " + " ".join(sys.argv[1:] if argv is None else argv)
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    machine = (
+      f"{platform.node() or 'unknown'} ({platform.machine()}, Python {platform.python_version()})"
+    )
+    doc = {"command": cmd, "date": when, "machine": machine, "summary": summary, "splits": rows}
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for path, text in (
+      (out.with_suffix(".json"), json.dumps(doc, indent=1) + "\n"),
+      (
+        out.with_suffix(".md"),
+        (
+          "# Patients on both sides of the reference's fixed splits\n\n"
+          f"Command: `{cmd}`  \nDate: {when}  \nMachine: {machine}\n\n{md}\n"
+        ),
+      ),
+    ):
+      tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+      tmp.write_text(text)
+      os.replace(tmp, path)
+  print(md)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
