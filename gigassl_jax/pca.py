@@ -14,10 +14,12 @@ dict; any other global is refused (gigassl_jax.pth.UnsafeCheckpointError).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import os
 import pickle
+import zipfile
 
 import numpy as np
 
@@ -188,6 +190,11 @@ def _newobj_reconstructor(cls, base, state):
   return _Record()
 
 
+def _dtype_of(name, *args):
+  del args
+  return np.dtype(name)
+
+
 _GLOBALS = {}
 for _mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
   _GLOBALS[(_mod, "_reconstruct")] = _reconstruct
@@ -210,7 +217,7 @@ for _mod in ("sklearn.decomposition._pca", "sklearn.decomposition.pca"):
   _GLOBALS[(_mod, "PCA")] = _PcaClass
 # numpy >= 1.25 pickles dtypes by class (numpy.dtypes.Float64DType); map them back.
 for _t in ("Float64", "Float32", "Float16", "Int64", "Int32", "Bool"):
-  _GLOBALS[("numpy.dtypes", f"{_t}DType")] = (lambda n: lambda *a: np.dtype(n))(_t.lower())
+  _GLOBALS[("numpy.dtypes", f"{_t}DType")] = functools.partial(_dtype_of, _t.lower())
 
 
 def _unwrap(v):
@@ -261,8 +268,14 @@ def read_sklearn_pca(path: str | os.PathLike) -> dict:
   path = os.fspath(path)
   if path.endswith(".npy"):
     obj = _load_npy_object(path)
-  else:
+  elif zipfile.is_zipfile(path):
     obj = _unwrap(pth.load(path, extra_globals=_GLOBALS))
+  else:
+    with open(path, "rb") as f:
+      obj = _NpUnpickler(f, path).load()
+    if obj == pth._LEGACY_MAGIC:  # pylint: disable=protected-access
+      obj = pth.load(path, extra_globals=_GLOBALS)  # torch's legacy format
+    obj = _unwrap(obj)
   if not (isinstance(obj, dict) and obj.get("__class__") == "PCA"):
     raise ValueError(f"{path}: holds a {type(obj).__name__}, not a scikit-learn PCA")
   for key in ("mean_", "components_"):
