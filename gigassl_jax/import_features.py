@@ -21,7 +21,8 @@ replacement from its h5 with a per-slide seed (the bank holds one
 (Naug, Nt, F) shape; that is how embed fills it too). Features are reduced
 to --pca_dim with a PCA fitted on a seeded streamed sample of tiles
 (mean + covariance accumulated chunk by chunk, so memory is D x D), or with
---pca=FILE (ours, or a published scikit-learn pickle); --pca_dim=0 keeps D.
+--pca=FILE (ours, or a published scikit-learn pickle: its first --pca_dim
+components, as Democratizing_WSI keeps); --pca_dim=0 keeps D (or all of them).
 
 Output: BANK/slides/*.npz (atomic, resumable: finished slides are skipped),
 BANK/pca.npz (the PCA used), BANK/import_manifest.json (files it could not
@@ -317,6 +318,10 @@ def run(cfg) -> int:
       pca = pca_lib.load(cfg.pca)
     except Exception as e:  # any unreadable/unsafe file: one line
       raise InputError(f"--pca={cfg.pca}: {str(e).splitlines()[0]}") from e
+    # A published projection may keep more components than the network takes:
+    # keep the first --pca_dim, as Democratizing_WSI does (0 keeps them all).
+    if cfg.pca_dim and pca.out_dim > cfg.pca_dim:
+      pca = pca.truncate(cfg.pca_dim)
   elif pca_path.is_file():  # resume: the PCA fitted by an earlier run of this import
     pca = pca_lib.load(pca_path)
   elif cfg.pca_dim:

@@ -54,6 +54,16 @@ class Pca:
       y /= np.sqrt(self.explained_variance)
     return y.astype(np.float32)
 
+  def truncate(self, k: int) -> Pca:
+    """The first k components (Democratizing_WSI keeps `transform(x)[:, :256]`)."""
+    if not 1 <= k <= self.out_dim:
+      raise ValueError(f"cannot keep {k} of {self.out_dim} PCA components")
+    if k == self.out_dim:
+      return self
+    return dataclasses.replace(
+      self, components=self.components[:k], explained_variance=self.explained_variance[:k]
+    )
+
   def describe(self) -> dict:
     """JSON-able summary recorded in the bank's slide meta."""
     return {

@@ -158,18 +158,20 @@ def test_clam_two_augmentations_given_pca_and_resume(tmp_path):
   slides = {"a": 20, "b": 50, "c": 11}
   f1, patches, data1 = write_clam(tmp_path / "aug0", slides, d, seed)
   f2, _, data2 = write_clam(tmp_path / "aug1", slides, d, seed + 1)
-  ref = PCA(8, random_state=seed).fit(rng.normal(size=(500, d)) * rng.uniform(0.5, 2, d))
+  # A published PCA may hold more components than kept: the first --pca_dim are used.
+  ref = PCA(16, random_state=seed).fit(rng.normal(size=(500, d)) * rng.uniform(0.5, 2, d))
   pca_file = tmp_path / "pca-test.pth"
   torch.save(ref, pca_file)
   bank = tmp_path / "bank"
-  args = ["--features", f"{f1},{f2}", "--bank", bank, "--patches", patches, "--pca", pca_file]
+  args = ["--features", f"{f1},{f2}", "--bank", bank, "--patches", patches, "--pca", pca_file,
+          "--pca_dim=8"]  # fmt: skip
   r = _run(*args, "--n_tiles=12")
   assert r.returncode == 0, f"seed {seed}: {r.stderr}"
   reader = bank_lib.open_bank(bank)
   assert (reader.n_aug, reader.n_tiles, reader.feature_dim) == (2, 12, 8)
   for k, data in enumerate((data1, data2)):
     one = _OneAug(reader, k)
-    _check_rows(one, data, lambda x: ref.transform(x.astype(np.float64)))
+    _check_rows(one, data, lambda x: ref.transform(x.astype(np.float64))[:, :8])
   m = reader.meta["slides"][0]
   # CLAM patching h5: patch_size 256 at a level with downsample 2 -> 512 level-0 px.
   assert m["patch_size_level0"] == 512 and m["pca"]["out_dim"] == 8, m
