@@ -300,6 +300,29 @@ def _encoder_name(folder: str) -> str:
   return name[len("features_") :] if name.startswith("features_") else name
 
 
+def _check_resume(bank, sources, cfg, pca):
+  """Refuses to add slides to a bank whose finished slides were imported differently."""
+  want = {
+    "n_aug": len(cfg.features),
+    "n_tiles": cfg.n_tiles,
+    "seed": cfg.seed,
+    "pca": pca.describe() if pca is not None else None,
+  }
+  for sid in sources:
+    path = bank_lib.slide_path(bank, sid)
+    if not bank_lib.is_finished(bank, sid):
+      continue
+    with np.load(path) as z:
+      meta = json.loads(str(z["meta"]))
+    got = {k: meta.get(k) for k in want}
+    if got != want:
+      diff = {k: (got[k], want[k]) for k in want if got[k] != want[k]}
+      raise InputError(
+        f"--bank={bank}: {path.name} was imported with other settings {diff} (have, asked); "
+        "use a new --bank or the same flags"
+      )
+
+
 def run(cfg) -> int:
   """The whole import; returns the exit status."""
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
@@ -339,6 +362,7 @@ def run(cfg) -> int:
       f"--pca_dim={cfg.pca_dim}: {pca_path} (from an earlier run) has {pca.out_dim}; "
       "use a new --bank or delete it"
     )
+  _check_resume(bank, sources, cfg, pca)
   todo = [s for s in sources if not bank_lib.is_finished(bank, s)]
   done0 = len(sources) - len(todo)
   bar = tqdm(total=len(sources), initial=done0, desc="import", unit="slide", disable=not show,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
-import json
 import os
 import pickle
 import zipfile
@@ -246,7 +245,6 @@ def _unwrap(v):
 class _NpUnpickler(pth._RestrictedUnpickler):  # pylint: disable=protected-access
   def __init__(self, file, path):
     super().__init__(file, path, {}, _GLOBALS)
-    self.encoding = "latin1"
 
   def persistent_load(self, pid):
     raise pickle.UnpicklingError(f"{self._path}: unexpected persistent id in a .npy pickle")
@@ -311,6 +309,4 @@ def load(path: str | os.PathLike) -> Pca:
   ev = a.get("explained_variance_")
   ev = np.ones(comps.shape[0]) if ev is None else np.asarray(ev, np.float64)
   whiten = bool(a.get("whiten", False))
-  return Pca(
-    np.asarray(a["mean_"], np.float64), comps, ev, whiten, json.dumps(os.path.basename(path))[1:-1]
-  )
+  return Pca(np.asarray(a["mean_"], np.float64), comps, ev, whiten, os.path.basename(path))

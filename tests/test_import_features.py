@@ -184,6 +184,10 @@ def test_clam_two_augmentations_given_pca_and_resume(tmp_path):
   assert bank_lib.slide_path(bank, "a").stat().st_mtime_ns == mtime_a
   after = bank_lib.read_slide(bank_lib.slide_path(bank, "b"))
   assert np.array_equal(after[0], before["b"][0]) and np.array_equal(after[1], before["b"][1])
+  # Resuming with other settings would mix two kinds of slides: refused, bank untouched.
+  r = _run(*args, "--n_tiles=13")
+  assert r.returncode == 2 and "n_tiles" in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+  assert bank_lib.slide_path(bank, "a").stat().st_mtime_ns == mtime_a
 
 
 class _OneAug:
