@@ -376,6 +376,27 @@ def grid_cell_for(patch_size_level0: float | None, spacing: int = REFERENCE_SPAC
   return max(1, int(round(patch_size_level0 / spacing)))
 
 
+def spacing_warning(
+  patch_size_level0: float | None, cell: int, spacing: int = REFERENCE_SPACING
+) -> str | None:
+  """A warning when patches sit a different number of cells apart than `spacing`.
+
+  For a model with its own cell (a released checkpoint's downmap): neighbours
+  at patch_size_level0 / cell cells; more than 25 % away from the training
+  spacing, its kernels see another geometry. None when fine or unknown.
+  """
+  if patch_size_level0 is None:
+    return None
+  got = patch_size_level0 / cell
+  if abs(got - spacing) <= 0.25 * spacing:
+    return None
+  match = grid_cell_for(patch_size_level0, spacing)
+  return (
+    f"the bank's patches ({patch_size_level0:g} level-0 px) sit {got:.3g} grid cells apart "
+    f"with cell {cell}; the model was trained with {spacing} (cell {match} would match)"
+  )
+
+
 def slide_patch_size_level0(meta: dict) -> float | None:
   """A slide's patch size in level-0 px from its meta: `patch_size_level0`
   (import_features) or `extent` (embed's level-0 px per tile); None if unknown."""

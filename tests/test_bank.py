@@ -151,3 +151,11 @@ def test_patch_size_level0_from_new_and_old_meta(tmp_path):
   assert [bank.slide_patch_size_level0(m) for m in r.meta["slides"]] == [896, 1024, 1024]
   assert bank.bank_patch_size_level0(r) == 1024  # the median
   assert bank.grid_cell_for(1024) == 256
+
+
+def test_spacing_warning():
+  assert bank.spacing_warning(896, 224) is None  # the reference: 4 cells apart
+  assert bank.spacing_warning(None, 224) is None
+  assert bank.spacing_warning(1000, 224) is None  # 4.46: within 25 %
+  msg = bank.spacing_warning(512, 224)  # TRIDENT 20x patches under a 224 downmap: 2.29 apart
+  assert msg is not None and "2.29" in msg and "cell 128" in msg, msg
