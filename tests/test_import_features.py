@@ -3,8 +3,10 @@
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 import h5py
 import numpy as np
@@ -275,3 +277,24 @@ def test_smoke_train_on_imported_1024d_bank_with_pca(tmp_path):
     capture_output=True, text=True, cwd=ROOT, env=env, timeout=600,
   )  # fmt: skip
   assert t.returncode == 0, f"seed {seed}: {t.stderr[-3000:]}"
+
+
+def test_ctrl_c_keeps_finished_slides_and_resumes(tmp_path):
+  seed = 9
+  folder, _ = write_trident(tmp_path, {f"s{i:03d}": 1500 for i in range(150)}, 32, seed)
+  bank = tmp_path / "bank"
+  cmd = [sys.executable, "-m", "gigassl_jax.import_features", "--no_progress",
+         f"--features={folder}", f"--bank={bank}", "--pca_dim=0", "--n_tiles=8"]  # fmt: skip
+  p = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+  slides = bank / bank_lib.SLIDES_DIR
+  deadline = time.time() + 300
+  while not (slides.is_dir() and any(slides.glob("*.npz"))) and time.time() < deadline:
+    time.sleep(0.02)
+  p.send_signal(signal.SIGINT)
+  _, err = p.communicate(timeout=300)
+  n = len(bank_lib.finished_slides(bank))
+  assert p.returncode == 130 and "rerun the same command" in err, f"seed {seed}: {err}"
+  assert 1 <= n < 150 and f"{n} of 150" in err, f"seed {seed}: {n} finished; {err}"
+  assert not list(slides.glob(".*.tmp-*")), "a half-written temp file was left"
+  r = _run("--features", folder, "--bank", bank, "--pca_dim=0", "--n_tiles=8")
+  assert r.returncode == 0 and len(bank_lib.open_bank(bank)) == 150, r.stderr
