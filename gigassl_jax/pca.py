@@ -118,28 +118,31 @@ def fit(sample: np.ndarray, dim: int, *, source: str = "fitted") -> Pca:
 
 
 class _Record:
-  """Stand-in for a pickled estimator: keeps its state dict, runs nothing."""
+  """Stand-in for a pickled object of an allowed class: keeps its state dict, runs nothing."""
 
-  def __init__(self, *args):
-    del args
+  def __init__(self, name: str):
+    self.name = name
     self.state = {}
 
   def __setstate__(self, state):
     if isinstance(state, tuple) and len(state) == 2:  # (dict, slots)
       state = state[0]
     if not isinstance(state, dict):
-      raise pickle.UnpicklingError(f"unexpected estimator state {type(state).__name__}")
+      raise pickle.UnpicklingError(f"unexpected {self.name} state {type(state).__name__}")
     self.state = dict(state)
 
 
-class _PcaClass:
-  """The scikit-learn PCA class as the pickle names it; calling it makes a _Record."""
+def record_class(name: str) -> type:
+  """A stand-in for a pickled class: creating it (NEWOBJ, copyreg) gives a _Record(name)."""
 
-  def __call__(self, *args):
-    return _Record()
+  def new(cls, *args):  # NEWOBJ calls cls.__new__(cls, *args); nothing of `args` runs
+    del cls, args
+    return _Record(name)
 
-  def __new__(cls, *args):  # copyreg.__newobj__ / NEWOBJ calls cls.__new__(cls)
-    return _Record()
+  return type(f"_{name}Record", (), {"__new__": new, "is_record": True})
+
+
+_PcaClass = record_class("PCA")
 
 
 class _NdarrayType:
@@ -158,7 +161,7 @@ class _Array:
     dtype = np.dtype(dtype)
     if dtype.hasobject:
       arr = np.empty(len(raw), object)
-      arr[:] = [_unwrap(v) for v in raw]
+      arr[:] = [unwrap(v) for v in raw]
       self.value = arr.reshape(shape, order="F" if fortran else "C")
       return
     if isinstance(raw, str):  # protocol-2 pickles of bytes under Python 3 text mode
@@ -192,11 +195,11 @@ def _dtype(name, align=False, copy=True):
 
 
 def _newobj_reconstructor(cls, base, state):
-  """copyreg._reconstructor (protocols 0/1): only for the PCA stand-in."""
+  """copyreg._reconstructor (protocols 0/1): only for record_class stand-ins."""
   del base, state
-  if cls is not _PcaClass:
-    raise pickle.UnpicklingError("copyreg._reconstructor for a class other than PCA")
-  return _Record()
+  if not getattr(cls, "is_record", False):
+    raise pickle.UnpicklingError("copyreg._reconstructor for a class that is not allowed")
+  return cls()
 
 
 def _dtype_of(name, *args):
@@ -222,23 +225,25 @@ def _codecs_encode(text, encoding="latin1"):
 
 _GLOBALS[("_codecs", "encode")] = _codecs_encode
 _GLOBALS[("copyreg", "__newobj__")] = lambda cls, *a: cls.__new__(cls, *a)
-for _mod in ("sklearn.decomposition._pca", "sklearn.decomposition.pca"):
-  _GLOBALS[(_mod, "PCA")] = _PcaClass
 # numpy >= 1.25 pickles dtypes by class (numpy.dtypes.Float64DType); map them back.
 for _t in ("Float64", "Float32", "Float16", "Int64", "Int32", "Bool"):
   _GLOBALS[("numpy.dtypes", f"{_t}DType")] = functools.partial(_dtype_of, _t.lower())
+# numpy arrays, dtypes and scalars, rebuilt from their bytes (for other readers too).
+NUMPY_GLOBALS = dict(_GLOBALS)
+for _mod in ("sklearn.decomposition._pca", "sklearn.decomposition.pca"):
+  _GLOBALS[(_mod, "PCA")] = _PcaClass
 
 
-def _unwrap(v):
+def unwrap(v):
   """Replaces _Array / _Record stand-ins by arrays / attribute dicts, recursively."""
   if isinstance(v, _Array):
     return v.value
   if isinstance(v, _Record):
-    return {"__class__": "PCA", **{k: _unwrap(x) for k, x in v.state.items()}}
+    return {"__class__": v.name, **{k: unwrap(x) for k, x in v.state.items()}}
   if isinstance(v, dict):
-    return {k: _unwrap(x) for k, x in v.items()}
+    return {k: unwrap(x) for k, x in v.items()}
   if isinstance(v, (list, tuple)):
-    return type(v)(_unwrap(x) for x in v)
+    return type(v)(unwrap(x) for x in v)
   return v
 
 
@@ -260,7 +265,7 @@ def _load_npy_object(path: str):
     if not dtype.hasobject:
       return np.fromfile(f, dtype).reshape(shape, order="F" if fortran else "C")
     obj = _NpUnpickler(io.BufferedReader(f), path).load()
-  obj = _unwrap(obj)
+  obj = unwrap(obj)
   if isinstance(obj, np.ndarray) and obj.dtype == object and obj.size == 1:
     obj = obj.reshape(()).item()
   return obj
@@ -277,13 +282,13 @@ def read_sklearn_pca(path: str | os.PathLike) -> dict:
   if path.endswith(".npy"):
     obj = _load_npy_object(path)
   elif zipfile.is_zipfile(path):
-    obj = _unwrap(pth.load(path, extra_globals=_GLOBALS))
+    obj = unwrap(pth.load(path, extra_globals=_GLOBALS))
   else:
     with open(path, "rb") as f:
       obj = _NpUnpickler(f, path).load()
     if obj == pth._LEGACY_MAGIC:  # pylint: disable=protected-access
       obj = pth.load(path, extra_globals=_GLOBALS)  # torch's legacy format
-    obj = _unwrap(obj)
+    obj = unwrap(obj)
   if not (isinstance(obj, dict) and obj.get("__class__") == "PCA"):
     raise ValueError(f"{path}: holds a {type(obj).__name__}, not a scikit-learn PCA")
   for key in ("mean_", "components_"):

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gigassl_jax import models, pth
+from gigassl_jax import models, pca, pth
 
 POOL_KEY = "net.mil_model.sparse_pooling.0."
 PREFIXES = ("backbone.mil.", "backbone.", "")  # newest first; "" = already stripped
@@ -159,6 +159,22 @@ def set_pool_weights(pool: models.PoolingNet, weights: dict) -> None:
       getattr(bn, f).set_value(jnp.asarray(weights[name][f]))
 
 
+def _path_str(*parts):
+  """pathlib.*Path(*parts) in a config: kept as a string, no filesystem access."""
+  if not all(isinstance(p, str) for p in parts):
+    raise ValueError("a pickled path with non-string parts")
+  return os.path.join(*parts) if parts else ""
+
+
+# What a training config may hold besides plain values: numpy scalars/arrays,
+# an argparse.Namespace (kept as a dict) and paths (kept as strings).
+_CONFIG_GLOBALS = {
+  **pca.NUMPY_GLOBALS,
+  ("argparse", "Namespace"): pca.record_class("Namespace"),
+  **{("pathlib", n): _path_str for n in ("PosixPath", "WindowsPath", "PurePosixPath", "Path")},
+}
+
+
 def load(path: str | os.PathLike, *, conv_impl: str | None = None) -> Released:
   """Reads a released checkpoint into a PoolingNet (eval mode).
 
@@ -168,7 +184,7 @@ def load(path: str | os.PathLike, *, conv_impl: str | None = None) -> Released:
     ValueError: not a Giga-SSL checkpoint (the message lists what was found).
   """
   path = os.fspath(path)
-  obj = pth.load(path)
+  obj = pca.unwrap(pth.load(path, extra_globals=_CONFIG_GLOBALS))
   if not isinstance(obj, dict):
     raise ValueError(f"{path}: holds a {type(obj).__name__}, not a checkpoint dict")
   config = obj.get("config") if isinstance(obj.get("config"), dict) else {}
@@ -184,7 +200,7 @@ def load(path: str | os.PathLike, *, conv_impl: str | None = None) -> Released:
     downmap = int(downmap)
     if downmap < 1:
       raise ValueError(f"{path}: config downmap {downmap} must be >= 1")
-  plain = {k: v for k, v in config.items() if not isinstance(v, np.ndarray)}
+  plain = {k: v for k, v in config.items() if not isinstance(v, np.ndarray) or v.ndim == 0}
   return Released(pool, downmap, plain, int(c_in), int(c), prefix, ignored)
 
 

@@ -26,7 +26,7 @@ def _golden(name):
   return d, w
 
 
-def _write_released(path, d, w, prefix="backbone.mil.", downmap=224):
+def _write_released(path, d, w, prefix="backbone.mil.", downmap=224, config=None):
   """The released layout, written with torch itself (as the Giga-SSL authors' code does)."""
   sd = {}
   for ours, theirs in released.CONVS.items():
@@ -38,9 +38,9 @@ def _write_released(path, d, w, prefix="backbone.mil.", downmap=224):
   # Keys a real checkpoint also holds: the projector and the classifier (ignored).
   sd[f"{prefix}projection_head.0.weight"] = torch.zeros(c, c)
   sd["linear_classifier.weight"] = torch.zeros(2, c)
-  torch.save(
-    {"config": {"downmap": downmap, "num_class": 2, "nb_tiles": 5}, "state_dict": sd}, path
-  )
+  if config is None:
+    config = {"downmap": downmap, "num_class": 2, "nb_tiles": 5}
+  torch.save({"config": config, "state_dict": sd}, path)
 
 
 class _Reader:
@@ -191,3 +191,17 @@ def test_pca_file_matches_sklearn(tmp_path, seed, whiten, how):
   # 2^-24 relative of values up to max|want|.
   tol = 2.0**-23 * np.abs(want).max()
   assert np.abs(y - want).max() <= tol, f"seed {seed}: {np.abs(y - want).max()} > {tol}"
+
+
+def test_config_with_numpy_paths_and_namespace_loads(tmp_path):
+  """Training configs hold numpy scalars, paths and argparse Namespaces: read as plain values."""
+  import argparse  # noqa: PLC0415
+
+  d, w = _golden("layer4_eval_small.npz")
+  ns = argparse.Namespace(downmap=np.int64(224), num_class=2, lr=np.float64(3e-4),
+                          out=pathlib.Path("/runs/x"), sizes=np.arange(3))  # fmt: skip
+  path = tmp_path / "ns.pth"
+  _write_released(path, d, w, config=ns)
+  rel = released.load(path)
+  assert rel.downmap == 224 and rel.config["out"] == "/runs/x", rel.config
+  assert rel.config["lr"] == 3e-4 and rel.config["__class__"] == "Namespace"
