@@ -147,9 +147,11 @@ def open_source(src: Source, patch_size_flag: float | None, patches) -> tuple:
     if not np.issubdtype(feats.dtype, np.floating):
       raise BadFile(f"features dtype {feats.dtype} is not floating point")
     coords = np.asarray(c[...])
-    if not np.issubdtype(coords.dtype, np.integer):
-      if not np.all(np.isfinite(coords)) or np.any(coords != np.round(coords)):
-        raise BadFile("coords are not integer level-0 pixels")
+    # Float coordinates are accepted when they hold whole level-0 pixels.
+    if not np.issubdtype(coords.dtype, np.integer) and (
+      not np.all(np.isfinite(coords)) or np.any(coords != np.round(coords))
+    ):
+      raise BadFile("coords are not integer level-0 pixels")
     coords = coords.astype(np.int64)
     ps = patch_size_flag
     if "patch_size_level0" in c.attrs:
@@ -200,40 +202,6 @@ def read_rows(feats, idx: np.ndarray) -> np.ndarray:
   return out
 
 
-class CovAccumulator:
-  """Streamed mean and covariance (float64, shifted by the first batch's mean)."""
-
-  def __init__(self):
-    self.n, self.shift, self.s, self.ss = 0, None, None, None
-
-  def add(self, x: np.ndarray):
-    x = np.asarray(x, np.float64)
-    if self.shift is None:
-      self.shift = x.mean(0)
-      self.s = np.zeros_like(self.shift)
-      self.ss = np.zeros((x.shape[1], x.shape[1]))
-    xc = x - self.shift
-    self.n += len(x)
-    self.s += xc.sum(0)
-    self.ss += xc.T @ xc
-
-  def fit(self, dim: int, source: str) -> pca_lib.Pca:
-    if self.n < 2:
-      raise InputError("PCA: fewer than 2 usable tiles to fit on")
-    d = self.s.shape[0]
-    if not 1 <= dim <= min(self.n - 1, d):
-      raise InputError(f"--pca_dim={dim} must be in [1, {min(self.n - 1, d)}] for {d}-d features")
-    m = self.s / self.n
-    cov = (self.ss - self.n * np.outer(m, m)) / (self.n - 1)
-    vals, vecs = np.linalg.eigh((cov + cov.T) / 2)
-    order = np.argsort(vals)[::-1][:dim]
-    comps = vecs[:, order].T
-    # scikit-learn's sign rule: the largest-magnitude entry of each component positive.
-    signs = np.sign(comps[np.arange(dim), np.argmax(np.abs(comps), axis=1)])
-    comps *= np.where(signs == 0, 1.0, signs)[:, None]
-    return pca_lib.Pca(self.shift + m, comps, np.maximum(vals[order], 0.0), False, source)
-
-
 def _write_json(path: pathlib.Path, obj):
   tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
   tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
@@ -244,7 +212,7 @@ def fit_pca(sources, dim, sample, seed, patch_size, patches, failed, progress=No
   """PCA on a seeded streamed sample: up to sample / n_files rows of every usable file."""
   files = [s for row in sources.values() for s in row if s is not None]
   per_file = max(1, -(-sample // max(len(files), 1)))
-  acc = CovAccumulator()
+  acc = pca_lib.CovAccumulator()
   for src in files:
     try:
       f, feats, _, _, _ = open_source(src, patch_size, patches)
@@ -256,7 +224,10 @@ def fit_pca(sources, dim, sample, seed, patch_size, patches, failed, progress=No
       failed[src.slide] = {"slide": src.slide, "file": str(src.path), "reason": str(e)}
     if progress is not None:
       progress.update(1)
-  return acc.fit(dim, f"fitted: {acc.n} tiles, seed {seed}")
+  try:
+    return acc.fit(dim, f"fitted: {acc.n} tiles, seed {seed}")
+  except ValueError as e:
+    raise InputError(f"--pca_dim={dim}: {e}") from e
 
 
 def import_slide(bank, sid, row, cfg, pca, encoder) -> None:
@@ -297,7 +268,7 @@ def _encoder_name(folder: str) -> str:
   """TRIDENT's features_{encoder} folder name gives the encoder; else the folder name."""
   p = pathlib.Path(folder)
   name = p.parent.name if p.name == "h5_files" else p.name
-  return name[len("features_") :] if name.startswith("features_") else name
+  return name.removeprefix("features_")
 
 
 def _check_resume(bank, sources, cfg, pca):

@@ -91,27 +91,54 @@ class Pca:
         os.unlink(tmp)
 
 
-def fit(sample: np.ndarray, dim: int, *, source: str = "fitted") -> Pca:
-  """Fits a PCA on sample [N, D] (N >= 2): mean, then eigh of the covariance.
+class CovAccumulator:
+  """Streamed mean and covariance (float64, shifted by the first batch's mean for accuracy)."""
 
-  Components are the top-`dim` eigenvectors, sign-fixed like scikit-learn's
-  (largest-magnitude entry of each component positive), so results do not
-  depend on the LAPACK build's sign choice.
-  """
-  x = np.asarray(sample, np.float64)
-  if x.ndim != 2 or x.shape[0] < 2:
-    raise ValueError(f"PCA needs a sample [N >= 2, D], got {x.shape}")
-  if not 1 <= dim <= min(x.shape):
-    raise ValueError(f"PCA dimension {dim} not in [1, min(N, D) = {min(x.shape)}]")
-  mean = x.mean(0)
-  xc = x - mean
-  cov = xc.T @ xc / (x.shape[0] - 1)
-  vals, vecs = np.linalg.eigh(cov)  # ascending
-  order = np.argsort(vals)[::-1][:dim]
-  comps = vecs[:, order].T
-  signs = np.sign(comps[np.arange(dim), np.argmax(np.abs(comps), axis=1)])
-  comps *= np.where(signs == 0, 1.0, signs)[:, None]
-  return Pca(mean, comps, np.maximum(vals[order], 0.0), False, source)
+  def __init__(self):
+    self.n, self.shift, self.s, self.ss = 0, None, None, None
+
+  def add(self, x: np.ndarray) -> None:
+    """Adds rows x [n, D]."""
+    x = np.asarray(x, np.float64)
+    if self.shift is None:
+      self.shift = x.mean(0)
+      self.s = np.zeros_like(self.shift)
+      self.ss = np.zeros((x.shape[1], x.shape[1]))
+    xc = x - self.shift
+    self.n += len(x)
+    self.s += xc.sum(0)
+    self.ss += xc.T @ xc
+
+  def fit(self, dim: int, source: str = "fitted") -> Pca:
+    """The top-`dim` principal axes of the rows added so far.
+
+    Components are eigenvectors of the covariance, sign-fixed like
+    scikit-learn's (largest-magnitude entry of each component positive), so
+    results do not depend on the LAPACK build's sign choice.
+
+    Raises:
+      ValueError: fewer than 2 rows, or dim not in [1, min(n - 1, D)].
+    """
+    if self.n < 2:
+      raise ValueError(f"PCA needs at least 2 rows, got {self.n}")
+    d = self.s.shape[0]
+    if not 1 <= dim <= min(self.n - 1, d):
+      raise ValueError(f"PCA dimension {dim} not in [1, {min(self.n - 1, d)}] for {d}-d features")
+    m = self.s / self.n
+    cov = (self.ss - self.n * np.outer(m, m)) / (self.n - 1)
+    vals, vecs = np.linalg.eigh((cov + cov.T) / 2)  # ascending
+    order = np.argsort(vals)[::-1][:dim]
+    comps = vecs[:, order].T
+    signs = np.sign(comps[np.arange(dim), np.argmax(np.abs(comps), axis=1)])
+    comps *= np.where(signs == 0, 1.0, signs)[:, None]
+    return Pca(self.shift + m, comps, np.maximum(vals[order], 0.0), False, source)
+
+
+def fit(sample: np.ndarray, dim: int, *, source: str = "fitted") -> Pca:
+  """Fits a PCA on sample [N, D] held in memory (CovAccumulator for a streamed one)."""
+  acc = CovAccumulator()
+  acc.add(sample)
+  return acc.fit(dim, source)
 
 
 # ------------------------------------------------- scikit-learn pickles ----

@@ -15,7 +15,7 @@ import torch
 from sklearn.decomposition import PCA
 
 from gigassl_jax import bank as bank_lib
-from gigassl_jax import import_features
+from gigassl_jax import import_features, pca
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -206,7 +206,7 @@ def test_fitted_pca_matches_sklearn_on_the_same_sample():
   seed = 5
   rng = np.random.default_rng(seed)
   x = rng.normal(size=(3000, 40)) @ rng.normal(size=(40, 40)) + rng.normal(size=40)
-  acc = import_features.CovAccumulator()
+  acc = pca.CovAccumulator()
   for part in np.array_split(x, 7):  # streamed in uneven chunks
     acc.add(part)
   ours = acc.fit(10, "test")
