@@ -348,6 +348,75 @@ class BankReader:
     return rec["embeddings"], rec["coords"]
 
 
+# ------------------------------------------------------- grid geometry -----
+
+# The pooling network was trained with neighbouring tiles this many grid cells
+# apart: the reference reads 224-px tiles at level 1 (4x downsample), so
+# neighbours are 896 level-0 px apart, and its cell (downmap) is 224 px.
+REFERENCE_SPACING = 4
+REFERENCE_CELL = 224
+
+
+def grid_cell_for(patch_size_level0: float | None, spacing: int = REFERENCE_SPACING) -> int:
+  """The grid cell (level-0 px) that puts neighbouring patches `spacing` cells apart.
+
+  Rule: cell = round(patch_size_level0 / spacing), at least 1. The reference's
+  896-px patches give its 224-px cell; TRIDENT's 20x 256-px patches of a 40x
+  scan (512 level-0 px) give 128; unknown patch size (None) gives the
+  reference's 224. A released checkpoint brings its own cell (its `downmap`);
+  neighbours then sit patch_size_level0 / downmap cells apart, which should be
+  close to `spacing` for the model to see the geometry it was trained on.
+  """
+  if patch_size_level0 is None:
+    return REFERENCE_CELL
+  if patch_size_level0 <= 0:
+    raise ValueError(f"patch_size_level0 must be > 0, got {patch_size_level0}")
+  if spacing < 1:
+    raise ValueError(f"spacing must be >= 1, got {spacing}")
+  return max(1, int(round(patch_size_level0 / spacing)))
+
+
+def spacing_warning(
+  patch_size_level0: float | None, cell: int, spacing: int = REFERENCE_SPACING
+) -> str | None:
+  """A warning when patches sit a different number of cells apart than `spacing`.
+
+  For a model with its own cell (a released checkpoint's downmap): neighbours
+  at patch_size_level0 / cell cells; more than 25 % away from the training
+  spacing, its kernels see another geometry. None when fine or unknown.
+  """
+  if patch_size_level0 is None:
+    return None
+  got = patch_size_level0 / cell
+  if abs(got - spacing) <= 0.25 * spacing:
+    return None
+  match = grid_cell_for(patch_size_level0, spacing)
+  return (
+    f"the bank's patches ({patch_size_level0:g} level-0 px) sit {got:.3g} grid cells apart "
+    f"with cell {cell}; the model was trained with {spacing} (cell {match} would match)"
+  )
+
+
+def slide_patch_size_level0(meta: dict) -> float | None:
+  """A slide's patch size in level-0 px from its meta: `patch_size_level0`
+  (import_features) or `extent` (embed's level-0 px per tile); None if unknown."""
+  for key in ("patch_size_level0", "extent"):
+    if meta.get(key):
+      return float(meta[key])
+  return None
+
+
+def bank_patch_size_level0(reader: BankReader) -> float | None:
+  """The bank's patch size in level-0 px: the median over its slides (None if unknown).
+
+  Slides scanned at different resolutions differ a little; the median is the
+  one cell that fits most of them (train/encode use one cell per run).
+  """
+  sizes = [slide_patch_size_level0(m) for m in reader.meta.get("slides", [])]
+  sizes = [s for s in sizes if s]
+  return float(np.median(sizes)) if sizes else None
+
+
 def open_bank(bank_dir: str | os.PathLike) -> BankReader:
   """Opens the packed bank of `bank_dir` for reading.
 

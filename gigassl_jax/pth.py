@@ -170,12 +170,15 @@ _ALLOWED.update({("torch", n): _TorchDtype(d) for n, d in _TORCH_DTYPES.items()}
 class _RestrictedUnpickler(pickle.Unpickler):
   """Unpickler that only knows the globals in _ALLOWED."""
 
-  def __init__(self, file, path: str, storages: dict[str, _Storage]):
+  def __init__(self, file, path: str, storages: dict[str, _Storage], extra=None):
     super().__init__(file, encoding="utf-8")
     self._path = path
     self._storages = storages
+    self._extra = extra or {}
 
   def find_class(self, module, name):
+    if (module, name) in self._extra:
+      return self._extra[(module, name)]
     try:
       return _ALLOWED[(module, name)]
     except KeyError:
@@ -216,7 +219,7 @@ def _resolve(obj, path: str):
   return obj
 
 
-def _load_zip(path: str) -> Any:
+def _load_zip(path: str, extra=None) -> Any:
   with zipfile.ZipFile(path) as zf:
     names = zf.namelist()
     pkls = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
@@ -229,7 +232,7 @@ def _load_zip(path: str) -> Any:
     if prefix + "byteorder" in names and zf.read(prefix + "byteorder").strip() == b"big":
       order = ">"
     storages: dict[str, _Storage] = {}
-    obj = _RestrictedUnpickler(io.BytesIO(zf.read(pkls[0])), path, storages).load()
+    obj = _RestrictedUnpickler(io.BytesIO(zf.read(pkls[0])), path, storages, extra).load()
     for key, st in storages.items():
       member = f"{prefix}data/{key}"
       if member not in names:
@@ -242,7 +245,7 @@ def _load_zip(path: str) -> Any:
   return _resolve(obj, path)
 
 
-def _load_legacy(path: str) -> Any:
+def _load_legacy(path: str, extra=None) -> Any:
   with open(path, "rb") as f:
     header = _RestrictedUnpickler(f, path, {})
     try:
@@ -259,7 +262,7 @@ def _load_legacy(path: str) -> Any:
     sys_info = _RestrictedUnpickler(f, path, {}).load()
     order = "<" if sys_info.get("little_endian", True) else ">"
     storages: dict[str, _Storage] = {}
-    obj = _RestrictedUnpickler(f, path, storages).load()
+    obj = _RestrictedUnpickler(f, path, storages, extra).load()
     keys = _RestrictedUnpickler(f, path, {}).load()
     for key in keys:
       key = str(key)
@@ -275,11 +278,13 @@ def _load_legacy(path: str) -> Any:
   return _resolve(obj, path)
 
 
-def load(path: str | os.PathLike) -> Any:
+def load(path: str | os.PathLike, extra_globals: dict | None = None) -> Any:
   """Loads a PyTorch checkpoint without torch.
 
   Args:
     path: a file written by `torch.save` (zip or legacy format).
+    extra_globals: (module, name) -> safe stand-in, for callers that accept
+      a few more globals (e.g. gigassl_jax.pca's numpy/scikit-learn records).
 
   Returns:
     The saved object with every tensor replaced by a numpy array of the same
@@ -291,8 +296,8 @@ def load(path: str | os.PathLike) -> Any:
   """
   path = os.fspath(path)
   if zipfile.is_zipfile(path):
-    return _load_zip(path)
-  return _load_legacy(path)
+    return _load_zip(path, extra_globals)
+  return _load_legacy(path, extra_globals)
 
 
 _STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "network")
@@ -319,3 +324,144 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   if not out:
     raise ValueError(f"{os.fspath(path)}: no tensors found (top-level keys: {list(obj)[:10]})")
   return out
+
+
+# ------------------------------------------------------------- writing -----
+
+# numpy dtype -> torch storage class name (the names torch.save itself writes).
+_WRITE_STORAGES = {
+  np.dtype(np.float64): "DoubleStorage",
+  np.dtype(np.float32): "FloatStorage",
+  np.dtype(np.float16): "HalfStorage",
+  np.dtype(np.int64): "LongStorage",
+  np.dtype(np.int32): "IntStorage",
+  np.dtype(np.int16): "ShortStorage",
+  np.dtype(np.int8): "CharStorage",
+  np.dtype(np.uint8): "ByteStorage",
+  np.dtype(np.bool_): "BoolStorage",
+}
+
+
+class _Writer:
+  """Emits pickle protocol-2 opcodes for dicts/lists/scalars/strings and tensors.
+
+  Tensors are written exactly as torch.save writes them: a call to
+  `torch._utils._rebuild_tensor_v2(storage, offset, size, stride, False,
+  OrderedDict())` whose storage is a persistent id
+  `('storage', torch.<T>Storage, key, 'cpu', numel)`; torch.load (also with
+  weights_only=True) reads that without running anything else.
+  """
+
+  def __init__(self):
+    self.out = io.BytesIO()
+    self.storages: list[np.ndarray] = []
+
+  def op(self, b: bytes):
+    self.out.write(b)
+
+  def global_(self, module: str, name: str):
+    self.op(b"c" + module.encode() + b"\n" + name.encode() + b"\n")
+
+  def str_(self, s: str):
+    b = s.encode("utf-8")
+    self.op(b"X" + struct.pack("<I", len(b)) + b)
+
+  def int_(self, i: int):
+    if -(2**31) <= i < 2**31:
+      self.op(b"J" + struct.pack("<i", i))
+    else:
+      b = i.to_bytes((i.bit_length() + 8) // 8, "little", signed=True)
+      self.op(b"\x8a" + bytes([len(b)]) + b)
+
+  def tuple_(self, items):
+    self.op(b"(")
+    for v in items:
+      self.obj(v)
+    self.op(b"t")
+
+  def tensor(self, a: np.ndarray):
+    a = np.array(a, order="C")  # ascontiguousarray would make a 0-d array 1-d
+    if a.dtype not in _WRITE_STORAGES:
+      raise TypeError(f"cannot write a {a.dtype} tensor")
+    key = str(len(self.storages))
+    self.storages.append(a)
+    self.global_("torch._utils", "_rebuild_tensor_v2")
+    self.op(b"(")
+    # Persistent id of the storage.
+    self.op(b"(")
+    self.str_("storage")
+    self.global_("torch", _WRITE_STORAGES[a.dtype])
+    self.str_(key)
+    self.str_("cpu")
+    self.int_(int(a.size))
+    self.op(b"tQ")  # TUPLE, BINPERSID
+    self.int_(0)
+    self.tuple_([int(n) for n in a.shape])
+    # C-order strides in elements (numpy's are in bytes and 0 on empty axes).
+    self.tuple_([int(np.prod(a.shape[i + 1 :], dtype=np.int64)) for i in range(a.ndim)])
+    self.op(b"\x89")  # NEWFALSE: requires_grad
+    self.global_("collections", "OrderedDict")
+    self.op(b")R")  # OrderedDict(): backward hooks
+    self.op(b"tR")
+
+  def obj(self, v):
+    if isinstance(v, np.ndarray):
+      self.tensor(v)
+    elif v is None:
+      self.op(b"N")
+    elif isinstance(v, (bool, np.bool_)):
+      self.op(b"\x88" if v else b"\x89")
+    elif isinstance(v, (int, np.integer)):
+      self.int_(int(v))
+    elif isinstance(v, (float, np.floating)):
+      self.op(b"G" + struct.pack(">d", float(v)))
+    elif isinstance(v, str):
+      self.str_(v)
+    elif isinstance(v, dict):
+      if isinstance(v, collections.OrderedDict):
+        self.global_("collections", "OrderedDict")
+        self.op(b")R")
+      else:
+        self.op(b"}")
+      if v:
+        self.op(b"(")
+        for k, x in v.items():
+          self.obj(k)
+          self.obj(x)
+        self.op(b"u")
+    elif isinstance(v, tuple):
+      self.tuple_(v)
+    elif isinstance(v, list):
+      self.op(b"](")
+      for x in v:
+        self.obj(x)
+      self.op(b"e")
+    else:
+      raise TypeError(f"cannot write a {type(v).__name__} into a .pth file")
+
+
+def save(obj: Any, path: str | os.PathLike) -> None:
+  """Writes `obj` (dicts, lists, scalars, strings, numpy arrays) as a torch zip checkpoint.
+
+  The file is what `torch.save` writes for the same object with the arrays as
+  CPU tensors: `torch.load(path)` reads it (weights_only too), and so does
+  `load` above. Written to a temp name and renamed: a reader never sees half.
+  """
+  path = os.fspath(path)
+  w = _Writer()
+  w.op(b"\x80\x02")  # PROTO 2
+  w.obj(obj)
+  w.op(b".")
+  name = "archive"
+  tmp = f"{path}.tmp-{os.getpid()}"
+  try:
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
+      zf.writestr(f"{name}/data.pkl", w.out.getvalue())
+      zf.writestr(f"{name}/byteorder", "little")
+      for key, a in enumerate(w.storages):
+        zf.writestr(f"{name}/data/{key}", a.astype(a.dtype.newbyteorder("<")).tobytes())
+      zf.writestr(f"{name}/version", "3\n")
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)

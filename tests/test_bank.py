@@ -130,3 +130,32 @@ def test_no_tensorflow_needed(tmp_path):
   assert out.stdout.strip().splitlines()[-2:] == ["12.0", "False"]
   info = json.loads((tmp_path / "packed" / "dataset_info.json").read_text())
   assert info["fileFormat"] == "array_record"
+
+
+def test_patch_size_level0_from_new_and_old_meta(tmp_path):
+  rng = np.random.default_rng(3)
+  # An old bank (META has no patch size and no extent) still reads; its cell is the reference's.
+  old = tmp_path / "old"
+  bank.write_slide(old, "a", *_random_slide(rng), META)
+  bank.pack(old)
+  r = bank.open_bank(old)
+  assert bank.bank_patch_size_level0(r) is None and r.n_tiles == 5
+  assert bank.grid_cell_for(bank.bank_patch_size_level0(r)) == bank.REFERENCE_CELL
+  # embed's banks record `extent` (level-0 px per tile); imported ones patch_size_level0.
+  new = tmp_path / "new"
+  bank.write_slide(new, "a", *_random_slide(rng), dict(META, extent=896))
+  bank.write_slide(new, "b", *_random_slide(rng), dict(META, patch_size_level0=1024))
+  bank.write_slide(new, "c", *_random_slide(rng), dict(META, patch_size_level0=1024))
+  bank.pack(new)
+  r = bank.open_bank(new)
+  assert [bank.slide_patch_size_level0(m) for m in r.meta["slides"]] == [896, 1024, 1024]
+  assert bank.bank_patch_size_level0(r) == 1024  # the median
+  assert bank.grid_cell_for(1024) == 256
+
+
+def test_spacing_warning():
+  assert bank.spacing_warning(896, 224) is None  # the reference: 4 cells apart
+  assert bank.spacing_warning(None, 224) is None
+  assert bank.spacing_warning(1000, 224) is None  # 4.46: within 25 %
+  msg = bank.spacing_warning(512, 224)  # TRIDENT 20x patches under a 224 downmap: 2.29 apart
+  assert msg is not None and "2.29" in msg and "cell 128" in msg, msg

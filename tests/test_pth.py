@@ -167,3 +167,35 @@ def test_truncated_checkpoint(tmp_path, zip_format):
   path.write_bytes(data[: len(data) - 5000])
   with pytest.raises(Exception, match="cut.pth"):
     pth.load(path)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_save_is_read_by_torch_load(tmp_path, seed):
+  torch = pytest.importorskip("torch")
+  rng = np.random.default_rng(seed)
+  arrays = {
+    "f32": rng.normal(size=(9, 1, 4, 6)).astype(np.float32),
+    "f64": rng.normal(size=(3,)),
+    "f16": rng.normal(size=(2, 5)).astype(np.float16),
+    "i64": rng.integers(-(2**40), 2**40, (4,)),
+    "i32": rng.integers(-9, 9, (2, 2)).astype(np.int32),
+    "u8": rng.integers(0, 255, (7,)).astype(np.uint8),
+    "bool": rng.random(5) > 0.5,
+    "scalar": np.array(3.5, np.float32),
+    "empty": np.zeros((2, 0, 3), np.float32),
+    "fortran": np.asfortranarray(rng.normal(size=(3, 4)).astype(np.float32)),
+  }
+  config = {"downmap": 224, "num_class": 2, "name": "x", "rate": 0.25, "big": 2**40,
+            "flags": [True, False, None], "pair": (1, "a")}  # fmt: skip
+  path = tmp_path / "w.pth"
+  pth.save({"config": config, "state_dict": arrays}, path)
+  got = torch.load(path, weights_only=True)
+  assert got["config"] == config, f"seed {seed}"
+  for k, a in arrays.items():
+    t = got["state_dict"][k]
+    assert tuple(t.shape) == a.shape, f"seed {seed}: {k}"
+    assert np.array_equal(t.numpy(), a), f"seed {seed}: {k}"
+  # Our own reader gives the same arrays back.
+  back = pth.load(path)["state_dict"]
+  for k, a in arrays.items():
+    assert back[k].dtype == a.dtype and np.array_equal(back[k], a), f"seed {seed}: {k}"
