@@ -250,10 +250,10 @@ def main(argv=None) -> int:
   p.add_argument("--workdir", required=True, help="a training run directory")
   p.add_argument("--out", required=True, help="output .pth file")
   args = p.parse_args(argv)
-  from gigassl_jax import train  # pylint: disable=import-outside-toplevel
+  from gigassl_jax import checkpoint  # pylint: disable=import-outside-toplevel
 
   try:
-    model, cfg = train.restore_model(args.workdir)
+    model, cfg = checkpoint.restore_model(args.workdir)
   except (FileNotFoundError, ValueError) as e:
     print(f"--workdir={args.workdir}: {e}", file=sys.stderr)
     return 2
