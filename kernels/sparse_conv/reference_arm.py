@@ -4,7 +4,7 @@ Runs the reference's own, unmodified modules from user-given checkouts, in a
 child process of the benchmark, on the same level-0 tile positions and features
 as the JAX arms:
 
-    python benchmarks/reference_arm.py --scn=DIR --gigassl=DIR --part=step|block \
+    python -m gigassl_jax.kernels.sparse_conv.reference_arm --scn=DIR --gigassl=DIR --part=step|block \
         --batch_npz=FILE --threads=2 --repeats=5
 
 prints one JSON line: {"seconds": [...], "part", "threads", "scn_commit", "gigassl_commit"}.
@@ -199,7 +199,8 @@ def run_child(scn, gigassl, batch: dict, part: str, threads: int, repeats: int) 
     np.savez(path, feats=batch["feats"], xy=batch["xy"])
     cmd = [
       sys.executable,
-      __file__,
+      "-m",
+      "gigassl_jax.kernels.sparse_conv.reference_arm",
       f"--scn={scn}",
       f"--gigassl={gigassl}",
       f"--part={part}",
