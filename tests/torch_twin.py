@@ -63,8 +63,9 @@ class _TiedShortcutTaps(torch.nn.Module):
 class TwinNet(torch.nn.Module):
   """Pooling network (spconv) + global mean + projector; forward -> [V, 256]."""
 
-  def __init__(self, in_features: int):
+  def __init__(self, in_features: int, dtype=torch.float32):
     super().__init__()
+    self.dtype = dtype
     self.pool = peer.PoolingBlock(in_features, 512)
     parametrize.register_parametrization(
       self.pool.b0_convd, "weight", _TiedShortcutTaps(), unsafe=True
@@ -78,14 +79,16 @@ class TwinNet(torch.nn.Module):
       torch.nn.BatchNorm1d(512, eps=1e-5, momentum=0.1),
       torch.nn.Linear(512, 256),
     )
+    self.to(dtype)
 
   def forward(self, coords, feats, mask):
     """Padded views (coords [V, S, 2], feats [V, S, F], mask [V, S]) -> projections [V, 256]."""
     n_views = mask.shape[0]
-    y = self.pool(peer.sparse_tensor(coords, feats, mask))
+    x = peer.sparse_tensor(coords, feats, mask)  # float32 features (as ours): exact in float64
+    y = self.pool(x.replace_feature(x.features.to(self.dtype)))
     b = y.indices[:, 0].long()
-    s = torch.zeros(n_views, y.features.shape[1]).index_add_(0, b, y.features)
-    cnt = torch.zeros(n_views).index_add_(0, b, torch.ones_like(b, dtype=torch.float32))
+    s = torch.zeros(n_views, y.features.shape[1], dtype=self.dtype).index_add_(0, b, y.features)
+    cnt = torch.zeros(n_views, dtype=self.dtype).index_add_(0, b, torch.ones_like(s[:, 0][b]))
     return self.proj(s / cnt.clamp(min=1)[:, None])
 
   def _shortcut(self):
@@ -111,8 +114,8 @@ class TwinNet(torch.nn.Module):
     mods = dict(self.named_modules())
     out = {}
 
-    def np64(t):
-      return t.detach().double().numpy()
+    def np64(t):  # a copy: for float64 parameters .double().numpy() shares their memory
+      return t.detach().double().numpy().copy()
 
     for ours, theirs in _CONV3.items():
       w = np64(mods[theirs].weight)  # [C, 3, 3, Cin]
