@@ -98,7 +98,11 @@ def _raw_batch(seed: int) -> dict:
 
 
 def _views(cfg, batch: dict, step: int):
-  """The views our step makes at `step` (its keys, data.make_views), as numpy."""
+  """The views our step makes at `step` (its keys, data.make_views), as numpy.
+
+  Mirrors the key derivation of train._grads_body (which has no function of its
+  own to call); a change there shows here as a step-1 loss mismatch.
+  """
   key = jax.random.fold_in(jax.random.key(cfg.train_seed), step)
   aug = train.coord_config(cfg)
   out = []
