@@ -194,8 +194,10 @@ def test_training_matches_torch_twin(seed, negatives):
     l_tol = RHO * abs(twin["loss"][t]) + twin["grad_norm"][t] * dists[t]
     assert abs(ours_loss[t] - twin["loss"][t]) <= l_tol, f"step {t + 1} tol {l_tol:.2e}\n{msg}"
     assert dists[t + 1] <= p_tol, f"step {t + 1}\n{msg}"
-  # BN running statistics: averages of the same batch moments (first order in
-  # the parameters as the loss, relative to their size).
+  # BN running statistics: decaying averages of the batch moments, so their
+  # rounding is RHO relative; plus the moments' first-order change with the
+  # parameters, taken as |dp| (Lipschitz 1: the moments are of BN-normalised,
+  # ReLU'd activations through weights of norm ~1 - an estimate, not a bound).
   for k in ours[-1]:
     if not _is_param(k):
       s_tol = RHO * np.abs(twin["params"][-1][k]).max() + p_tol
