@@ -75,27 +75,36 @@ def coord_config(cfg: config_lib.Config) -> coord_augment.CoordAugment:
   )
 
 
+def step_views(cfg: config_lib.Config, step, batch) -> list:
+  """The two augmented, quantised views a training step makes of `batch` at `step`.
+
+  Keys: fold_in(augmentation stream, step), then the view index (0, 1). A pure
+  function of the seed, the step and the batch, so tests can rebuild the views.
+  """
+  key = jax.random.fold_in(ckpt_lib.stream_key(cfg.train_seed, ckpt_lib.AUGMENT_STREAM), step)
+  aug = coord_config(cfg)
+  return [
+    views_lib.make_views(
+      jax.random.fold_in(key, v),
+      batch["xy"][:, v],
+      batch["feats"][:, v],
+      batch["position"],
+      aug,
+      cfg.data_cell,
+    )
+    for v in range(2)
+  ]
+
+
 def _grads_body(graphdef, cfg: config_lib.Config):
   """Per-device `(params, stats, step, batch) -> (loss, grads, stats, collapse)`.
 
   Runs inside shard_map over AXIS; every output is the global (replicated) value.
   """
-  aug = coord_config(cfg)
   global_neg = cfg.loss_negatives == "global"
 
   def body(params, stats, step, batch):
-    key = jax.random.fold_in(ckpt_lib.stream_key(cfg.train_seed, ckpt_lib.AUGMENT_STREAM), step)
-    views = [
-      views_lib.make_views(
-        jax.random.fold_in(key, v),
-        batch["xy"][:, v],
-        batch["feats"][:, v],
-        batch["position"],
-        aug,
-        cfg.data_cell,
-      )
-      for v in range(2)
-    ]
+    views = step_views(cfg, step, batch)
 
     def loss_fn(params, stats):
       # Fresh Variables at this trace level (BN writes its running statistics).

@@ -62,7 +62,7 @@ import torch_twin
 
 from benchmarks import bench_train
 from gigassl_jax import config as config_lib
-from gigassl_jax import data as data_lib
+from gigassl_jax import checkpoint as ckpt_lib
 from gigassl_jax import train
 
 BATCH, TILES, FEATURES, STEPS = 16, 4, 32, 10
@@ -98,33 +98,19 @@ def _raw_batch(seed: int) -> dict:
 
 
 def _views(cfg, batch: dict, step: int):
-  """The views our step makes at `step` (its keys, data.make_views), as numpy.
-
-  Mirrors the key derivation of train._grads_body (which has no function of its
-  own to call); a change there shows here as a step-1 loss mismatch.
-  """
-  key = jax.random.fold_in(jax.random.key(cfg.train_seed), step)
-  aug = train.coord_config(cfg)
-  out = []
-  for v in range(2):
-    sm = data_lib.make_views(
-      jax.random.fold_in(key, v),
-      batch["xy"][:, v],
-      batch["feats"][:, v],
-      batch["position"],
-      aug,
-      cfg.data_cell,
-    )
-    out.append(tuple(np.asarray(x) for x in (sm.coords, sm.feats, sm.mask)))
-  return out
+  """The views our step makes at `step` (train.step_views), as numpy."""
+  return [
+    tuple(np.asarray(x) for x in (sm.coords, sm.feats, sm.mask))
+    for sm in train.step_views(cfg, step, batch)
+  ]
 
 
 def _ours(cfg, batches):
   """Our training: initial flat state, per-step losses and flat states."""
   mesh = train.make_mesh(jax.devices())
-  model = train.build_model(cfg, FEATURES, bn_axis_name=train.AXIS)
-  tx = train.make_optimizer(cfg, train.make_schedule(cfg, STEPS, STEPS_PER_EPOCH))
-  graphdef, state = train.init_state(model, tx)
+  model = ckpt_lib.build_model(cfg, FEATURES, bn_axis_name=train.AXIS)
+  tx = ckpt_lib.make_optimizer(cfg, ckpt_lib.make_schedule(cfg, STEPS, STEPS_PER_EPOCH))
+  graphdef, state = ckpt_lib.init_state(model, tx)
   states = [{**_flat(state["params"]), **_flat(state["batch_stats"])}]
   step = train.make_train_step(graphdef, cfg, tx, mesh)
   state = train.put_replicated(state, mesh)
