@@ -382,7 +382,7 @@ def make_cohort(cfg: CohortConfig, progress: bool = True) -> pathlib.Path:
   return labels
 
 
-def identity_retrieval(bank_dir, aug_a: int = 0, aug_b: int = 1) -> dict:
+def identity_retrieval(bank_dir, aug_a: int = 0, aug_b: int = 1, max_tiles: int = 0) -> dict:
   """Do the slides of a bank have an identity that survives the shared augmentations?
 
   Per slide, the mean of ALL its tiles of augmentation file `aug_a` and of file
@@ -394,9 +394,12 @@ def identity_retrieval(bank_dir, aug_a: int = 0, aug_b: int = 1) -> dict:
   Args:
     bank_dir: an embedding bank (slides/<id>.npz, at least 2 slides and 2 files).
     aug_a, aug_b: the two augmentation files compared.
+    max_tiles: if > 0, only the first max_tiles tiles of each file (the bank
+      draws tiles independently, so they are a smaller bank's draw): compares
+      banks of different sizes on equal terms.
 
   Returns:
-    {"top1", "chance", "n_slides", "aug": [aug_a, aug_b]}.
+    {"top1", "chance", "n_slides", "aug": [aug_a, aug_b], "tiles"}.
   """
   from gigassl_jax import bank as bank_lib  # pylint: disable=import-outside-toplevel
   from gigassl_jax import retrieval  # pylint: disable=import-outside-toplevel
@@ -409,13 +412,15 @@ def identity_retrieval(bank_dir, aug_a: int = 0, aug_b: int = 1) -> dict:
     emb, _, _ = bank_lib.read_slide(bank_lib.slide_path(bank_dir, sid))
     if max(aug_a, aug_b) >= emb.shape[0]:
       raise ValueError(f"{bank_dir}: slide {sid} has {emb.shape[0]} augmentation files")
-    a.append(emb[aug_a].astype(np.float64).mean(0))
-    b.append(emb[aug_b].astype(np.float64).mean(0))
+    n = emb.shape[1] if max_tiles <= 0 else min(max_tiles, emb.shape[1])
+    a.append(emb[aug_a, :n].astype(np.float64).mean(0))
+    b.append(emb[aug_b, :n].astype(np.float64).mean(0))
   return {
     "top1": retrieval.pair_retrieval_top1(np.stack(a), np.stack(b)),
     "chance": 1.0 / len(ids),
     "n_slides": len(ids),
     "aug": [aug_a, aug_b],
+    "tiles": n,
   }
 
 
@@ -453,15 +458,62 @@ def contact_sheet(thumbs: list, path, per_row: int = 6) -> pathlib.Path:
   return path
 
 
+def _print_identity(bank_dir, max_tiles: int):
+  """JSON on stdout: identity_retrieval for every pair of augmentation files, and their mean."""
+  import itertools  # pylint: disable=import-outside-toplevel
+  import json  # pylint: disable=import-outside-toplevel
+
+  from gigassl_jax import bank as bank_lib  # pylint: disable=import-outside-toplevel
+
+  ids = bank_lib.finished_slides(bank_dir)
+  if not ids:
+    print(f"cohort: --identity_of={bank_dir}: no finished slides there", file=sys.stderr)
+    sys.exit(2)
+  n_aug = bank_lib.read_slide(bank_lib.slide_path(bank_dir, ids[0]))[0].shape[0]
+  try:
+    pairs = [
+      identity_retrieval(bank_dir, i, j, max_tiles)
+      for i, j in itertools.combinations(range(n_aug), 2)
+    ]
+  except ValueError as e:
+    print(f"cohort: --identity_of={bank_dir}: {e}", file=sys.stderr)
+    sys.exit(2)
+  import datetime  # pylint: disable=import-outside-toplevel
+  import platform  # pylint: disable=import-outside-toplevel
+
+  out = {
+    "command": " ".join(["python -m gigassl_jax.cohort", *sys.argv[1:]]),
+    "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} CPUs",
+    "bank": str(bank_dir),
+    "mean_top1": float(np.mean([p["top1"] for p in pairs])),
+    "chance": pairs[0]["chance"],
+    "pairs": pairs,
+  }
+  print(json.dumps(out, indent=1))
+
+
 def main(argv=None):
   import argparse  # pylint: disable=import-outside-toplevel
 
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--out", required=True)
+  ap.add_argument("--out", help="output folder of a new cohort")
   ap.add_argument("--n_per_class", type=int, default=16)
   ap.add_argument("--grid", type=int, default=12)
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument(
+    "--identity_of",
+    help="instead: print the identity retrieval of this embedding bank (every pair of "
+    "augmentation files) as JSON",
+  )
+  ap.add_argument("--max_tiles", type=int, default=0, help="with --identity_of: tiles per file")
   a = ap.parse_args(argv)
+  if a.identity_of:
+    _print_identity(a.identity_of, a.max_tiles)
+    return
+  if not a.out:
+    print("cohort: --out is required (or --identity_of=BANK)", file=sys.stderr)
+    sys.exit(2)
   labels = make_cohort(CohortConfig(out=a.out, n_per_class=a.n_per_class, grid=a.grid, seed=a.seed))
   print(f"cohort: {labels}", file=sys.stderr)
 
