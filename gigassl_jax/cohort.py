@@ -20,7 +20,7 @@ The fractions overlap on purpose, so the task is not trivially separable.
 Each slide also gets an IDENTITY, drawn per slide and independent of its label
 (`draw_identity`), as the tissue of different patients differs: its own region
 of each source image and its own mix of the sources (so its cells and
-structures are its own), its own texture scale (zoom 0.6-1.7: cell size and
+structures are its own), its own texture scale (zoom 0.5-2: cell size and
 density per tile), its own haematoxylin and eosin amounts (nuclear density /
 cellularity as seen in the stain), and its own stain vectors: the tissue is
 colour-deconvolved into H&E optical densities with the standard vectors and
@@ -66,9 +66,9 @@ _GLASS = np.array([242, 240, 244], np.float32)
 # fraction of the image; h_gain / e_gain: haematoxylin / eosin amounts;
 # stain_vector_sd: perturbation of the H and E optical-density vectors.
 IDENTITY = {
-  "zoom": (0.6, 1.7),
-  "mix_alpha": 0.5,
-  "window": 0.4,
+  "zoom": (0.5, 2.0),
+  "mix_alpha": 0.3,
+  "window": 0.25,
   "h_gain": (0.6, 1.5),
   "e_gain": (0.6, 1.5),
   "stain_vector_sd": 0.15,
