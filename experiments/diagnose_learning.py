@@ -2,6 +2,7 @@
 
     python experiments/diagnose_learning.py --bank=DIR --out=RESULT.json \\
         [--steps=30] [--lrs=0.03,0.003,0.0003] [--taus=0.05,0.2] [--batches=16] [--seed=0]
+    python experiments/diagnose_learning.py summarise RESULT.json ...   # markdown table
 
 For every (batch, temperature, base lr) it trains the reference model
 (train.build_model, train.make_optimizer/make_schedule with a warm-up over the
@@ -179,7 +180,43 @@ def run_one(bank_dir, batch, tau, base_lr, steps, seed):
   }
 
 
+def summarise(paths) -> str:
+  """A markdown table of result files: per-step numbers averaged over the first 5 / last 10 steps.
+
+  Single steps are noisy (16 slides, 5-tile views: the batch-to-batch spread of
+  the loss is ~0.5-1 at tau 0.05), hence the window means.
+  """
+  lines = [
+    (
+      "| bank | B | tau | base lr (peak) | chance loss | init loss | no-signal loss at init | "
+      "loss steps 1-5 | loss last 10 | top1 steps 1-5 | top1 last 10 | top1 chance | "
+      "cos std init -> last |"
+    ),
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for p in paths:
+    d = json.loads(pathlib.Path(p).read_text())
+    for r in d["rows"]:
+      st = r["per_step"]
+
+      def mean(k, sl, st=st):
+        return float(np.mean([x[k] for x in st[sl]]))
+
+      lines.append(
+        f"| {pathlib.Path(p).stem} | {r['batch']} | {r['temperature']} | {r['base_lr']} "
+        f"({r['peak_lr']:.2g}) | {r['chance_loss']:.2f} | {r['init']['loss']:.2f} | "
+        f"{r['init']['rolled_positives_loss']:.2f} | {mean('loss', slice(0, 5)):.2f} | "
+        f"{mean('loss', slice(-10, None)):.2f} | {mean('top1', slice(0, 5)):.3f} | "
+        f"{mean('top1', slice(-10, None)):.3f} | {r['chance_top1']:.3f} | "
+        f"{st[0]['cos_std']:.3f} -> {mean('cos_std', slice(-5, None)):.3f} |"
+      )
+  return "\n".join(lines)
+
+
 def main(argv=None):
+  if argv is None and len(sys.argv) > 1 and sys.argv[1] == "summarise":
+    print(summarise(sys.argv[2:]))
+    return
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--bank", required=True)
   ap.add_argument("--out", required=True)
