@@ -5,7 +5,7 @@
     python experiments/diagnose_learning.py summarise RESULT.json ...   # markdown table
 
 For every (batch, temperature, base lr) it trains the reference model
-(train.build_model, train.make_optimizer/make_schedule with a warm-up over the
+(checkpoint.build_model, make_optimizer/make_schedule with a warm-up over the
 first tenth of the steps, as the demo) from the same initialisation on the
 same view stream, one CPU device, and records per step: the NT-Xent loss, the
 top-1 batch view retrieval of the projections (retrieval.batch_retrieval_top1),
@@ -44,12 +44,9 @@ from flax import nnx
 
 from gigassl_jax import bank as bank_lib
 from gigassl_jax import config as config_lib
+from gigassl_jax import checkpoint as ckpt_lib
 from gigassl_jax import losses, retrieval, train
-
-try:  # the view sampler moves from data.py to views.py
-  from gigassl_jax import views as views_lib
-except ImportError:  # pragma: no cover
-  from gigassl_jax import data as views_lib
+from gigassl_jax import views as views_lib
 
 
 def _make_step(graphdef, cfg, unit_schedule):
@@ -131,11 +128,11 @@ def run_one(bank_dir, batch, tau, base_lr, steps, seed):
   )
   spe = sampler.steps_per_epoch
   cfg = cfg.replace(optim_warmup_epochs=max(steps / 10, 1) / spe)
-  schedule = train.make_schedule(cfg, steps, spe)
+  schedule = ckpt_lib.make_schedule(cfg, steps, spe)
   if batch not in _STEPS:
-    unit = train.make_schedule(cfg.replace(optim_base_lr=256.0 / batch), steps, spe)
-    model = train.build_model(cfg, reader.feature_dim)
-    graphdef, state = train.init_state(model, optax.scale_by_adam())
+    unit = ckpt_lib.make_schedule(cfg.replace(optim_base_lr=256.0 / batch), steps, spe)
+    model = ckpt_lib.build_model(cfg, reader.feature_dim)
+    graphdef, state = ckpt_lib.init_state(model, optax.scale_by_adam())
     _STEPS[batch] = (state, _make_step(graphdef, cfg, unit))
   state, step = _STEPS[batch]
   params, stats, opt = state["params"], state["batch_stats"], state["opt_state"]
