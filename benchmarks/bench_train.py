@@ -1,7 +1,8 @@
 r"""Training throughput (views/s) of the Giga-SSL step, per sparse-conv kernel, vs PyTorch + spconv.
 
     python benchmarks/bench_train.py [--batch=256] [--tiles=5] [--repeats=5]
-        [--impls=gather,pairs] [--torch_threads=2] [--no_torch]
+        [--impls=gather,pairs] [--torch_threads=1] [--no_torch]
+        [--reference_scn=DIR --reference_gigassl=DIR [--reference_threads=2]] [--out=FILE.json]
 
 One arm per kernel implementation (kernels/sparse_conv/api.IMPLEMENTATIONS,
 minus the dense oracle, the plain reference and kernels for another backend):
@@ -16,8 +17,12 @@ built from the same quantised coordinates each step.
 The JAX arms are timed in turn within each round (the machine's load drifts),
 median over rounds; the torch arm then runs the same number of rounds in a
 child process (XLA's spinning CPU worker threads slow a torch arm sharing the
-process ~10x). Anchor (not re-measured: SparseConvNet is not installed): the
-reference code runs 110 views/s at batch 256 on this kind of 2-core CPU.
+process ~10x).
+
+The original code (SparseConvNet + trislaz/gigassl, their own modules) is an
+arm only when both checkouts are given (kernels/sparse_conv/reference_arm.py says
+how to get and build them); a ratio to the reference is printed only from that
+arm, measured in the same run. Thread counts of every arm are in the header.
 """
 
 from __future__ import annotations
@@ -33,14 +38,13 @@ import time
 
 import jax
 import numpy as np
-from gigassl_jax.kernels.sparse_conv import api, shapes
+from gigassl_jax.kernels.sparse_conv import api, reference_arm, shapes
 
 from gigassl_jax import checkpoint, cli
 from gigassl_jax import config as config_lib
 from gigassl_jax import train
 from gigassl_jax.machine import cpu_name
 
-REFERENCE_VIEWS_PER_S = 110.0  # SparseConvNet reference code, batch 256, T = 5, this CPU
 BACKEND_ONLY = {"pallas_gpu": "gpu", "pallas_tpu": "tpu"}
 SKIP = {"dense", "reference"}
 
@@ -196,6 +200,10 @@ class BenchTrainConfig:
   )
   no_torch: bool = cli.field(False, "Skip the PyTorch + spconv arm.")
   torch_child: str = cli.field("", "(internal) run the torch arm on this views file.")
+  reference_scn: str = cli.field("", "SparseConvNet checkout built in place (reference arm).")
+  reference_gigassl: str = cli.field("", "trislaz/gigassl checkout (reference arm).")
+  reference_threads: int = cli.field(2, "Torch threads of the reference arm.")
+  out: str = cli.field("", "Also write the table as JSON (command, date, machine) here.")
 
 
 def main(argv):
@@ -254,6 +262,15 @@ def main(argv):
         f"torch+spconv ({a.torch_threads} thr)" if torch_device == "cpu" else "torch+spconv (cuda)"
       )
       times[label] = json.loads(res.stdout.splitlines()[-1])
+  if bool(a.reference_scn) != bool(a.reference_gigassl):
+    raise ValueError("--reference_scn and --reference_gigassl go together")
+  if a.reference_scn:
+    time.sleep(5)
+    ref = reference_arm.run_child(
+      a.reference_scn, a.reference_gigassl, batch, "step", a.reference_threads, a.repeats
+    )
+    label = f"reference SCN+gigassl {ref['scn_commit']}/{ref['gigassl_commit']}"
+    times[f"{label} ({a.reference_threads} thr)"] = ref["seconds"]
   med = {k: statistics.median(v) for k, v in times.items()}
   views = 2 * a.batch
   base = next((k for k in med if k.startswith("torch")), None)
@@ -261,16 +278,49 @@ def main(argv):
   dev = f"{d.platform}:{d.device_kind} x{jax.local_device_count()}"
   if d.platform == "cpu":
     dev += f" ({cpu_name()})"
+  threads = (
+    f"XLA: {os.cpu_count()} host threads; torch+spconv: {a.torch_threads} thread(s); "
+    f"reference: {a.reference_threads if a.reference_scn else '-'} thread(s)"
+  )
   print(
     f"device: {dev}; batch {a.batch} slides x 2 views, T = {a.tiles}, C_in = {a.channels}; "
-    f"median of {a.repeats} rounds"
+    f"median of {a.repeats} rounds; {threads}"
   )
-  print("| arm | s/step | views/s | vs torch+spconv | vs reference SCN (110 views/s) |")
+  ref = next((k for k in med if k.startswith("reference")), None)
+  print("| arm | s/step | views/s | vs torch+spconv | vs reference |")
   print("|---|---|---|---|---|")
+  rows = []
   for k, s in med.items():
-    vs = views / s
-    ratio = f"{med[base] / s:.2f}x" if base else "-"
-    print(f"| {k} | {s:.3f} | {vs:.0f} | {ratio} | {vs / REFERENCE_VIEWS_PER_S:.2f}x |")
+    rows.append(
+      {
+        "arm": k,
+        "seconds_per_step": s,
+        "views_per_s": views / s,
+        "vs_torch_spconv": med[base] / s if base else None,
+        "vs_reference": med[ref] / s if ref else None,
+      }
+    )
+    r = rows[-1]
+    cell = lambda x: "-" if x is None else f"{x:.2f}x"  # noqa: E731
+    print(
+      f"| {k} | {s:.3f} | {views / s:.0f} | {cell(r['vs_torch_spconv'])} | {cell(r['vs_reference'])} |"
+    )
+  if a.out:
+    record = {
+      "command": " ".join(["python"] + sys.argv),
+      "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+      "machine": dev,
+      "threads": threads,
+      "batch": a.batch,
+      "tiles": a.tiles,
+      "repeats": a.repeats,
+      "rows": rows,
+      "raw_seconds": times,
+    }
+    tmp = a.out + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(record, f, indent=2)
+    os.replace(tmp, a.out)
 
 
 if __name__ == "__main__":
