@@ -61,7 +61,7 @@ step train_bench "${GPU_TRAIN_S:-150}" python3 benchmarks/bench_train.py --batch
 
 for impl in gather pallas_gpu pairs; do
   step conformance_$impl 300 env JAX_DEFAULT_MATMUL_PRECISION=highest \
-    python3 -m gigassl_jax.sparse.conformance tests/fixtures/golden_scn --implementation=$impl
+    python3 -m gigassl_jax.conformance tests/fixtures/golden_scn --implementation=$impl
 done
 
 step input 120 python3 benchmarks/bench_input.py --workers=0,4,auto --synthetic=512,8,256,256

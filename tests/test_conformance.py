@@ -12,7 +12,7 @@ GOLDEN = pathlib.Path(__file__).parent / "fixtures" / "golden_scn"
 
 def _run(directory, *args):
   return subprocess.run(
-    [sys.executable, "-m", "gigassl_jax.sparse.conformance", str(directory), *args],
+    [sys.executable, "-m", "gigassl_jax.conformance", str(directory), *args],
     capture_output=True,
     text=True,
     timeout=600,

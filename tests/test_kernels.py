@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from gigassl_jax.kernels.sparse_conv import api, dense, pairs, pallas_gpu, pallas_tpu, shapes
+from gigassl_jax.kernels.sparse_conv import api, bench, dense, pairs, pallas_gpu, pallas_tpu, shapes
 from jax.experimental import pallas as pl
 
 from gigassl_jax.sparse import maps, tables
@@ -239,9 +239,13 @@ def test_lowering_for_accelerators(platform, impl, dtype):
 @pytest.mark.parametrize("make", ["train", "slide"])
 def test_hash_and_sort_builders_agree(make):
   if make == "train":
-    smap = shapes.train_views(seed=int(np.random.default_rng().integers(1 << 30)), views=32)
+    smap = bench.sparse_map(
+      shapes.train_views(seed=int(np.random.default_rng().integers(1 << 30)), views=32)
+    )
   else:
-    smap = shapes.slide_sites(seed=int(np.random.default_rng().integers(1 << 30)), sites=500)
+    smap = bench.sparse_map(
+      shapes.slide_sites(seed=int(np.random.default_rng().integers(1 << 30)), sites=500)
+    )
   a = tables.submanifold_rulebook(smap, builder="sort")
   b = tables.submanifold_rulebook(smap, builder="hash")
   np.testing.assert_array_equal(a.nbr, b.nbr)
@@ -254,7 +258,9 @@ def test_hash_and_sort_builders_agree(make):
 
 def test_train_shape_is_nearly_isolated():
   """Level-1 tiles at d = 224 land ~4 cells apart: few sites have a neighbour."""
-  smap = shapes.train_views(seed=int(np.random.default_rng().integers(1 << 30)), views=64)
+  smap = bench.sparse_map(
+    shapes.train_views(seed=int(np.random.default_rng().integers(1 << 30)), views=64)
+  )
   rb = tables.submanifold_rulebook(smap)
   n = int(smap.mask.sum())
   assert 4 * 64 <= n <= 5 * 64  # duplicates are rare, never more than 5 per view

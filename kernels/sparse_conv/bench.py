@@ -45,7 +45,7 @@ from flax import nnx
 from gigassl_jax.kernels.sparse_conv import api, pairs, shapes
 
 from gigassl_jax import models
-from gigassl_jax.sparse import layers, maps, tables
+from gigassl_jax.sparse import coord_augment, layers, maps, tables
 from gigassl_jax.machine import cpu_name as _cpu_name
 
 SKIP = {"dense"}
@@ -78,6 +78,21 @@ def _time_interleaved(arms, repeats):
 def _device():
   d = jax.devices()[0]
   return f"{d.platform}:{d.device_kind}"
+
+
+def sparse_map(sites: shapes.Sites) -> maps.SparseMap:
+  """A benchmark shape's sites placed on a sparse map, as the model's input pipeline does.
+
+  Level-0 positions get the reference coordinate augmentation (key
+  `sites.augment_seed`) and are quantised with `sites.cell`; grid cells are
+  used as they are.
+  """
+  if sites.cell is None:
+    return maps.from_grid(sites.xy, sites.feats)
+  xy = sites.xy
+  if sites.augment_seed is not None:
+    xy = np.asarray(coord_augment.augment_views(jax.random.PRNGKey(sites.augment_seed), xy))
+  return maps.build_views(xy, sites.feats, cell=sites.cell)
 
 
 # ------------------------------------------------------------------- FLOPs --
@@ -120,13 +135,12 @@ def _other_pool_method():
   return next(m for m in pairs.WINDOW_SUM_METHODS if m != pairs.default_window_sum_method())
 
 
-def _jax_block(impl, shape, builder, pool_method=None):
-  """{pass: warmed-up callable} of the whole pooling network."""
+def _jax_block(impl, shape, smap, builder, pool_method=None):
+  """{pass: warmed-up callable} of the whole pooling network on `smap`."""
   net = models.PoolingNet(
     shape.c_in, shape.c_out, conv_impl=impl, table_builder=builder, rngs=nnx.Rngs(0)
   )
   gdef, params, rest = nnx.split(net, nnx.Param, ...)
-  smap = shape.smap
   ct = jnp.asarray(
     np.random.default_rng(0)
     .standard_normal((smap.num_views, 4 * smap.capacity, shape.c_out))
@@ -186,12 +200,12 @@ def _gemm(flops, c_in, c_out, passes):
   return fns
 
 
-def _builder(shape, b):
+def _builder(shape, smap, b):
   if shape.block:
     f = jax.jit(lambda s: _block_geometry(s, b))
   else:
     f = jax.jit(lambda s: tables.submanifold_rulebook(s, builder=b))
-  fn = functools.partial(f, shape.smap)
+  fn = functools.partial(f, smap)
   _block(fn)
   return {"build": fn}
 
@@ -199,7 +213,7 @@ def _builder(shape, b):
 # ------------------------------------------------------------------ spconv --
 
 
-def _spconv(shape, passes, threads, device="cpu"):
+def _spconv(shape, smap, passes, threads, device="cpu"):
   """{pass: warmed-up callable} running the spconv peer with `threads` torch threads.
 
   device "cuda": spconv's GPU kernels, each call ending with a device sync.
@@ -207,7 +221,6 @@ def _spconv(shape, passes, threads, device="cpu"):
   import torch
   from gigassl_jax.kernels.sparse_conv import peer
 
-  smap = shape.smap
   coords, feats, mask = (np.asarray(a) for a in (smap.coords, smap.feats, smap.mask))
   if shape.block:
     blk = peer.PoolingBlock(shape.c_in, shape.c_out).to(device)
@@ -268,13 +281,14 @@ def _shape_records(name, impls, repeats, tiles, spconv_threads, spconv_device="c
   dev, cpu = _device(), _cpu_name()
   print(f"shape {name}: building inputs and compiling", flush=True)
   shape = shapes.make(name)
+  smap = sparse_map(shape.sites)
   passes = ("fwd",) if name == "slide100k" else ("fwd", "fwd_bwd")
   rb = w = None
   if shape.block:
-    fwd_f, fb_f = block_flops(shape.smap, shape.c_in, shape.c_out)
+    fwd_f, fb_f = block_flops(smap, shape.c_in, shape.c_out)
     flops = {"fwd": fwd_f, "fwd_bwd": fb_f}
   else:
-    rb = tables.submanifold_rulebook(shape.smap)
+    rb = tables.submanifold_rulebook(smap)
     f = 2 * int(pairs.count_pairs(rb)) * shape.c_in * shape.c_out
     flops = {"fwd": f, "fwd_bwd": 3 * f}
     w = jnp.asarray(
@@ -294,32 +308,34 @@ def _shape_records(name, impls, repeats, tiles, spconv_threads, spconv_device="c
 
   arm("gemm", lambda: _gemm(flops, shape.c_out if shape.block else shape.c_in, shape.c_out, passes))
   for b in tables.BUILDERS:
-    arm(f"tables:{b}", functools.partial(_builder, shape, b))
+    arm(f"tables:{b}", functools.partial(_builder, shape, smap, b))
   for impl in list(impls) + [f"pairs@{t}" for t in tiles]:
     if impl in BACKEND_ONLY and jax.default_backend() != BACKEND_ONLY[impl]:
       continue
     if shape.block:
-      arm(impl, functools.partial(_jax_block, impl, shape, tables.DEFAULT_BUILDER))
+      arm(impl, functools.partial(_jax_block, impl, shape, smap, tables.DEFAULT_BUILDER))
     else:
-      arm(impl, functools.partial(_jax_conv, impl, shape.smap.feats, w, rb, passes))
+      arm(impl, functools.partial(_jax_conv, impl, smap.feats, w, rb, passes))
   if shape.block and impls:
     other = _other_pool_method()
     arm(
       f"{impls[0]}+pool:{other}",
-      functools.partial(_jax_block, impls[0], shape, tables.DEFAULT_BUILDER, pool_method=other),
+      functools.partial(
+        _jax_block, impls[0], shape, smap, tables.DEFAULT_BUILDER, pool_method=other
+      ),
     )
   for th in spconv_threads:
     if spconv_device == "cpu":
       arm(
         f"spconv(threads={th})",
-        functools.partial(_spconv, shape, passes, th),
+        functools.partial(_spconv, shape, smap, passes, th),
         device=f"cpu:{cpu} (torch)",
         threads=th,
       )
     else:
       arm(
         "spconv(cuda)",
-        functools.partial(_spconv, shape, passes, th, spconv_device),
+        functools.partial(_spconv, shape, smap, passes, th, spconv_device),
         device=f"{_torch_gpu_name()} (torch)",
         threads=th,
       )

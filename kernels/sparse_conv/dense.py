@@ -9,11 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gigassl_jax.sparse import maps
+from gigassl_jax.kernels.sparse_conv.rulebook import is_concrete
 
 
 def _extent(rulebook):
-  if not maps.is_concrete(rulebook.in_coords, rulebook.in_mask):
+  if not is_concrete(rulebook.in_coords, rulebook.in_mask):
     raise ValueError("the dense implementation needs a static grid size under jit: pass extent=")
   c = np.asarray(rulebook.in_coords)[np.asarray(rulebook.in_mask)]
   return int(c.max(initial=0)) + 1
