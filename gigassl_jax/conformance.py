@@ -158,7 +158,7 @@ def _layer4_weights(d, cmp):
 
 def _pooling_net(d, w, impl, prefix_running=""):
   c_in, c = int(d["c_in"]), int(d["c"])
-  net = models.PoolingNet(c_in, c, conv_impl=impl, rngs=nnx.Rngs(0))
+  net = models.PoolingNet(c_in, c, conv_impl=impl, precision="highest", rngs=nnx.Rngs(0))
   for n in CONV_NAMES:
     getattr(net, n).weight.set_value(jnp.asarray(w[n]))
   for n in BN_NAMES:
@@ -198,10 +198,10 @@ def check_conv_like(d, impl, cmp, kind):
     sm = maps.from_grid(grid, f, valid)
     if kind == "subm":
       rb = tables.submanifold_rulebook(sm, 3)
-      out = conv_api.sparse_conv(sm.feats, w, rb, implementation=impl)
+      out = conv_api.sparse_conv(sm.feats, w, rb, implementation=impl, precision="highest")
     elif kind == "strided":
       rb = tables.strided_rulebook(sm, spatial_size=ss)
-      out = conv_api.sparse_conv(sm.feats, w, rb, implementation=impl)
+      out = conv_api.sparse_conv(sm.feats, w, rb, implementation=impl, precision="highest")
     else:
       rb = tables.strided_rulebook(sm, spatial_size=ss)
       out = layers.avg_pool(sm.feats, rb)
@@ -411,7 +411,8 @@ def run(directory, tol: float = 1e-4, implementation: str | None = None, out=sys
         kind = classify(d.files) or "?"
         if kind == "?":
           raise ValueError("unrecognised golden file (keys match no known layer)")
-        # Full float32 matmuls on every backend (TF32 on a GPU would exceed tol).
+        # Full float32 matmuls on every backend (TF32 on a GPU would exceed tol):
+        # asked for explicitly above, and for any other matmul by this context.
         with jax.default_matmul_precision("highest"):
           CHECKS[kind](d, implementation, cmp)
       ok = cmp.rel <= tol and not cmp.notes
@@ -447,8 +448,11 @@ def main(argv=None):
     help=f"sparse-conv implementation ({', '.join(sorted(conv_api.IMPLEMENTATIONS))})",
   )
   a = p.parse_args(argv)
-  if a.implementation is not None:
+  try:
     conv_api.resolve(a.implementation)
+  except ValueError as e:
+    print(f"error: --implementation: {e}", file=sys.stderr)
+    return 2
   try:
     _, ok = run(a.directory, a.tol, a.implementation)
   except FileNotFoundError as e:
