@@ -35,7 +35,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from gigassl_jax.kernels.sparse_conv import pairs
+from gigassl_jax.kernels.sparse_conv import flat_conv
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
@@ -196,26 +196,15 @@ def weight_grad(nbr, x, g, config=PallasGpuConfig(), *, interpret=False, precisi
   return dw[:, :c_in, :c_out]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _conv(x, w, nbr, nbr_t, config, interpret, precision):
-  return gather_gemm(nbr, x, w, config, interpret=interpret, precision=precision)
-
-
-def _conv_fwd(x, w, nbr, nbr_t, config, interpret, precision):
-  out = gather_gemm(nbr, x, w, config, interpret=interpret, precision=precision)
-  return out, (x, w, nbr, nbr_t)
-
-
-def _conv_bwd(config, interpret, precision, res, g):
+def _backward(config, interpret, precision, res, g):
   x, w, nbr, nbr_t = res
   kw = {"interpret": interpret, "precision": precision}
   # Input i receives g[nbr_t[i, k]] @ w[k].T through tap k.
   dx = gather_gemm(nbr_t, g.astype(x.dtype), jnp.swapaxes(w, 1, 2), config, **kw)
-  dw = weight_grad(nbr, x, g, config, **kw)
-  return dx, dw.astype(w.dtype), None, None
+  return dx, weight_grad(nbr, x, g, config, **kw)
 
 
-_conv.defvjp(_conv_fwd, _conv_bwd)
+_conv = flat_conv.custom_vjp_conv(gather_gemm, _backward)
 
 
 def conv_pallas_gpu(
@@ -233,11 +222,4 @@ def conv_pallas_gpu(
   Returns:
     [V, S_out, C_out].
   """
-  v, s_in, c_in = feats.shape
-  s_out = rulebook.nbr.shape[1]
-  dtype = jnp.result_type(feats, weight)
-  nbr = pairs.flat_table(rulebook.nbr, s_in)
-  nbr_t = pairs.flat_table(rulebook.nbr_t, s_out)
-  x = feats.reshape(v * s_in, c_in).astype(dtype)
-  out = _conv(x, weight.astype(dtype), nbr, nbr_t, config, bool(interpret), precision)
-  return out.reshape(v, s_out, weight.shape[-1])
+  return flat_conv.apply(_conv, feats, weight, rulebook, config, interpret, precision)

@@ -29,7 +29,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from gigassl_jax.kernels.sparse_conv import gather, pairs
+from gigassl_jax.kernels.sparse_conv import flat_conv, gather
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
@@ -123,17 +123,7 @@ def gather_gemm(nbr, x, w, config=PallasTpuConfig(), *, interpret=False, precisi
   return out[:n_out]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _conv(x, w, nbr, nbr_t, config, interpret, precision):
-  return gather_gemm(nbr, x, w, config, interpret=interpret, precision=precision)
-
-
-def _conv_fwd(x, w, nbr, nbr_t, config, interpret, precision):
-  out = gather_gemm(nbr, x, w, config, interpret=interpret, precision=precision)
-  return out, (x, w, nbr, nbr_t)
-
-
-def _conv_bwd(config, interpret, precision, res, g):
+def _backward(config, interpret, precision, res, g):
   x, w, nbr, nbr_t = res
   dx_config = dataclasses.replace(config, block_n=None)  # dx has C_in columns
   dx = gather_gemm(
@@ -149,10 +139,10 @@ def _conv_bwd(config, interpret, precision, res, g):
   dw = jnp.einsum(
     "okc,od->kcd", xt, g.astype(x.dtype), precision=precision, preferred_element_type=jnp.float32
   )
-  return dx, dw.astype(w.dtype), None, None
+  return dx, dw
 
 
-_conv.defvjp(_conv_fwd, _conv_bwd)
+_conv = flat_conv.custom_vjp_conv(gather_gemm, _backward)
 
 
 def conv_pallas_tpu(
@@ -170,11 +160,4 @@ def conv_pallas_tpu(
   Returns:
     [V, S_out, C_out].
   """
-  v, s_in, c_in = feats.shape
-  s_out = rulebook.nbr.shape[1]
-  dtype = jnp.result_type(feats, weight)
-  nbr = pairs.flat_table(rulebook.nbr, s_in)
-  nbr_t = pairs.flat_table(rulebook.nbr_t, s_out)
-  x = feats.reshape(v * s_in, c_in).astype(dtype)
-  out = _conv(x, weight.astype(dtype), nbr, nbr_t, config, bool(interpret), precision)
-  return out.reshape(v, s_out, weight.shape[-1])
+  return flat_conv.apply(_conv, feats, weight, rulebook, config, interpret, precision)
