@@ -16,7 +16,10 @@ def nt_xent(z1, z2, temperature: float = 0.05, axis_name: str | None = None):
 
   Each anchor's positive is the other view of the same slide; its negatives are
   the other 2N - 2 views (itself excluded). Computed as normalise-then-matmul
-  (the reference's broadcast cosine similarity gives the same numbers, far slower).
+  (the reference's broadcast cosine similarity gives the same numbers, far slower),
+  always in float32 at Precision.HIGHEST whatever the model's precision: the
+  logits are similarities / tau (1/tau = 20), which amplifies a TF32 matmul's
+  ~1e-3 relative error into the loss and its gradients.
 
   With `axis_name` (inside shard_map), z1/z2 are this device's share [n, D]; the
   keys are gathered from every device (global negatives, `all_gather(tiled)`),
@@ -45,7 +48,8 @@ def nt_xent(z1, z2, temperature: float = 0.05, axis_name: str | None = None):
     total = k1.shape[0]
   anchors = jnp.concatenate([a1, a2])  # [2n, D]
   keys = jnp.concatenate([k1, k2])  # [2N, D]
-  logits = (anchors @ keys.T) / temperature  # [2n, 2N]
+  sim = jnp.matmul(anchors, keys.T, precision=jax.lax.Precision.HIGHEST)  # [2n, 2N], float32
+  logits = sim / temperature
   i = jnp.arange(n)
   self_idx = jnp.concatenate([offset + i, total + offset + i])
   pos_idx = jnp.concatenate([total + offset + i, offset + i])

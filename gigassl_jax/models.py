@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gigassl_jax.kernels.sparse_conv import api as conv_api
 from gigassl_jax.sparse import layers, maps, tables
 
 ORIENTATIONS = ("natural", "reference")
@@ -23,6 +24,12 @@ class PoolingNet(nnx.Module):
   shortcut 3x3/2 average pool (sum / 9) -> 1x1 conv -> BN; sum, ReLU.
   Block 1 (C -> C): submanifold 3x3 -> BN -> ReLU -> submanifold 3x3 -> BN, plus
   identity, ReLU. No conv has a bias.
+
+  conv_impl / conv_config pick the sparse-conv kernel and its blocks, pool_impl
+  the average pool's window sum (kernels/sparse_conv/api.py; None = the fastest
+  measured on this backend). precision: of every conv matmul (None = JAX's
+  default_matmul_precision; else a jax.lax.Precision or "default" / "high" /
+  "highest").
   """
 
   def __init__(
@@ -31,6 +38,9 @@ class PoolingNet(nnx.Module):
     features: int = 512,
     *,
     conv_impl: str | None = None,
+    conv_config=None,
+    pool_impl: str | None = None,
+    precision=None,
     table_builder: str = tables.DEFAULT_BUILDER,
     bn_axis_name: str | None = None,
     bn_momentum: float = 0.9,
@@ -42,9 +52,19 @@ class PoolingNet(nnx.Module):
     self.in_features = in_features
     self.features = features
     self.table_builder = table_builder
+    self.pool_impl = pool_impl
 
     def conv(cin, cout, k):
-      return layers.SparseConv(cin, cout, k, implementation=conv_impl, dtype=dtype, rngs=rngs)
+      return layers.SparseConv(
+        cin,
+        cout,
+        k,
+        implementation=conv_impl,
+        config=conv_config,
+        precision=precision,
+        dtype=dtype,
+        rngs=rngs,
+      )
 
     def bn():
       return layers.SparseBatchNorm(features, momentum=bn_momentum, axis_name=bn_axis_name)
@@ -83,7 +103,9 @@ class PoolingNet(nnx.Module):
     # Shortcut: avg-pool then 1x1 conv == 1x1 conv then avg-pool (both linear,
     # the 1x1 acts per site); on the S input rows the matmul is 4x smaller than
     # on the 4S output rows.
-    s = self.b0_normd(layers.avg_pool(self.b0_convd(x, None), rb_s), m)
+    s = self.b0_normd(
+      layers.avg_pool(self.b0_convd(x, None), rb_s, implementation=self.pool_impl), m
+    )
     h = layers.relu(a + s)
     b = layers.relu(self.b1_norm1(self.b1_conv1(h, rb_m), m))
     b = self.b1_norm2(self.b1_conv2(b, rb_m), m)
@@ -96,7 +118,10 @@ class PoolingNet(nnx.Module):
 
 
 class Projector(nnx.Module):
-  """Linear 512->512, ReLU, BN1d, Linear 512->512, ReLU, BN1d, Linear 512->256."""
+  """Linear 512->512, ReLU, BN1d, Linear 512->512, ReLU, BN1d, Linear 512->256.
+
+  precision: of the three matmuls (as PoolingNet's).
+  """
 
   def __init__(
     self,
@@ -104,15 +129,17 @@ class Projector(nnx.Module):
     hidden: int = 512,
     out: int = 256,
     *,
+    precision=None,
     bn_axis_name: str | None = None,
     bn_momentum: float = 0.9,
     rngs: nnx.Rngs,
   ):
-    self.fc1 = nnx.Linear(features, hidden, rngs=rngs)
+    p = conv_api.canonical_precision(precision)
+    self.fc1 = nnx.Linear(features, hidden, precision=p, rngs=rngs)
     self.bn1 = layers.SparseBatchNorm(hidden, momentum=bn_momentum, axis_name=bn_axis_name)
-    self.fc2 = nnx.Linear(hidden, hidden, rngs=rngs)
+    self.fc2 = nnx.Linear(hidden, hidden, precision=p, rngs=rngs)
     self.bn2 = layers.SparseBatchNorm(hidden, momentum=bn_momentum, axis_name=bn_axis_name)
-    self.fc3 = nnx.Linear(hidden, out, rngs=rngs)
+    self.fc3 = nnx.Linear(hidden, out, precision=p, rngs=rngs)
 
   def __call__(self, x):
     ones = jnp.ones(x.shape[:1], bool)
@@ -124,7 +151,15 @@ class Projector(nnx.Module):
 
 
 class GigaSSL(nnx.Module):
-  """Pooling network + projector; `__call__` returns (representation, projection)."""
+  """Pooling network + projector; `__call__` returns (representation, projection).
+
+  precision: the matmul precision of every sparse convolution and of the
+  projector: "default" (the backend's fast path: TF32 on an NVIDIA GPU, one
+  bfloat16 pass on a TPU; exact float32 on CPU), "high", "highest" (full
+  float32), or a jax.lax.Precision. Always explicit, so it does not depend on
+  JAX's global default_matmul_precision. The NT-Xent loss runs at "highest"
+  regardless (losses.nt_xent).
+  """
 
   def __init__(
     self,
@@ -133,19 +168,24 @@ class GigaSSL(nnx.Module):
     conv_impl: str | None = None,
     table_builder: str = tables.DEFAULT_BUILDER,
     bn_axis_name: str | None = None,
+    precision: str = "default",
     dtype=jnp.float32,
     rngs: nnx.Rngs,
   ):
+    precision = conv_api.canonical_precision(precision)
+    if precision is None:
+      raise ValueError('precision must be "default", "high", "highest" or a jax.lax.Precision')
     self.pool = PoolingNet(
       in_features,
       512,
       conv_impl=conv_impl,
+      precision=precision,
       table_builder=table_builder,
       bn_axis_name=bn_axis_name,
       dtype=dtype,
       rngs=rngs,
     )
-    self.proj = Projector(512, 512, 256, bn_axis_name=bn_axis_name, rngs=rngs)
+    self.proj = Projector(512, 512, 256, precision=precision, bn_axis_name=bn_axis_name, rngs=rngs)
 
   def __call__(self, smap: maps.SparseMap):
     rep = self.pool(smap)

@@ -12,7 +12,7 @@ GOLDEN = pathlib.Path(__file__).parent / "fixtures" / "golden_scn"
 
 def _run(directory, *args):
   return subprocess.run(
-    [sys.executable, "-m", "gigassl_jax.sparse.conformance", str(directory), *args],
+    [sys.executable, "-m", "gigassl_jax.conformance", str(directory), *args],
     capture_output=True,
     text=True,
     timeout=600,
@@ -48,3 +48,14 @@ def test_conformance_runner_fails_on_a_perturbed_file(tmp_path):
 def test_conformance_runner_reports_an_empty_directory(tmp_path):
   p = _run(tmp_path)
   assert p.returncode == 2 and "no golden" in p.stderr
+
+
+def test_conformance_runner_rejects_an_unusable_implementation(tmp_path):
+  """A Pallas kernel off its backend is refused in one line (no silent interpret mode)."""
+  import jax
+
+  impl = "pallas_tpu" if jax.default_backend() != "tpu" else "pallas_gpu"
+  p = _run(tmp_path, f"--implementation={impl}")
+  assert p.returncode == 2, p.stdout + p.stderr
+  assert p.stderr.count("\n") == 1 and "--implementation" in p.stderr, p.stderr
+  assert "Traceback" not in p.stderr

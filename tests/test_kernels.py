@@ -1,11 +1,14 @@
 """Sparse-convolution implementations vs the dense oracle, spconv, and each other.
 
-One parameterized base runs every implementation (Pallas ones in interpret mode,
-where outputs and scratch buffers start as NaN, so an unwritten element fails):
-forward and gradients (features and weights) vs `dense` on fresh random
-inputs, for submanifold and strided convolutions on several site patterns, in
-float32 and bfloat16. Input padding rows are poisoned with NaN: no
-implementation may read them.
+One shared test base (`KernelTestBase`, as jax's Pallas tests do) runs every
+implementation: a subclass per native implementation, and an interpret-mode
+subclass per Pallas kernel (interpret mode starts outputs and scratch buffers as
+NaN, so an unwritten element fails); on its own backend a Pallas kernel's
+native subclass runs, elsewhere it is skipped (it cannot compile there).
+Forward and gradients (features and weights) vs `dense` on seeded random inputs
+(fixed, parameterised seeds printed on failure), for submanifold and strided
+convolutions on several site patterns, in float32 and bfloat16. Input padding
+rows are poisoned with NaN: no implementation may read them.
 """
 
 import contextlib
@@ -15,19 +18,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from gigassl_jax.kernels.sparse_conv import api, dense, pairs, pallas_gpu, pallas_tpu, shapes
+from gigassl_jax.kernels.sparse_conv import api, bench, pairs, pallas_gpu, pallas_tpu, shapes
 from jax.experimental import pallas as pl
 
 from gigassl_jax.sparse import maps, tables
 
-IMPLS = ["reference", "gather", "pairs", "pallas_gpu", "pallas_tpu"]
-PALLAS = {"pallas_gpu", "pallas_tpu"}
 # Small blocks keep interpret mode fast (the grid is a loop there).
-OPTIONS = {
-  "pallas_gpu": {"block_m": 16, "block_n": 16, "block_k": 16},
-  "pallas_tpu": {"block_m": 16},
-  "pairs": {"tile": 8},
+CONFIGS = {
+  "pallas_gpu": api.PallasGpuConfig(block_m=16, block_n=16, block_k=16),
+  "pallas_tpu": api.PallasTpuConfig(block_m=16),
+  "pairs": api.PairsConfig(tile=8),
 }
+SEEDS = (0, 1)
 
 
 def _pattern(name, rng):
@@ -66,10 +68,9 @@ def _inputs(pattern, kind, c_in, c_out, dtype, seed):
 
 
 def _oracle(x, w, ct, rb):
-  f = functools.partial(dense.conv_dense, rulebook=rb)
-  with jax.default_matmul_precision("highest"):
-    out, vjp = jax.vjp(lambda a, b: f(a, b), jnp.asarray(x), jnp.asarray(w))
-    dx, dw = vjp(jnp.asarray(ct))
+  f = functools.partial(api.sparse_conv, rulebook=rb, implementation="dense", precision="highest")
+  out, vjp = jax.vjp(lambda a, b: f(a, b), jnp.asarray(x), jnp.asarray(w))
+  dx, dw = vjp(jnp.asarray(ct))
   return np.asarray(out), np.asarray(dx), np.asarray(dw)
 
 
@@ -82,14 +83,14 @@ def _close(ours, ref, tol, what):
   assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol} x {scale:.3g}"
 
 
-def _run(impl, x, w, ct, rb, dtype):
+def _run(impl, x, w, ct, rb, dtype, interpret=False):
   """Forward and (dx, dw) of impl, with input padding rows set to NaN."""
   xin = np.where(np.asarray(rb.in_mask)[..., None], x, np.nan)
-  opts = OPTIONS.get(impl, {})
+  kw = {"config": CONFIGS.get(impl), "interpret": interpret, "precision": "highest"}
 
   @jax.jit
   def go(a, b, c):
-    out, vjp = jax.vjp(lambda a, b: api.sparse_conv(a, b, rb, implementation=impl, **opts), a, b)
+    out, vjp = jax.vjp(lambda a, b: api.sparse_conv(a, b, rb, implementation=impl, **kw), a, b)
     return (out,) + vjp(c.astype(out.dtype))
 
   return go(jnp.asarray(xin, dtype), jnp.asarray(w, dtype), jnp.asarray(ct))
@@ -103,36 +104,82 @@ CASES = [
   ("dense", "strided"),
   ("mixed", "subm"),
 ]
+# Interpret mode and bfloat16 are slow: fewer cases.
+FEW_CASES = {"float32": [("isolated", "subm"), ("mixed", "strided")]}
+FEW_CASES["bfloat16"] = [("mixed", "subm"), ("isolated", "strided")]
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_matches_dense_oracle(impl, dtype):
-  """Forward, d/dx and d/dw of every implementation vs the dense oracle."""
-  dtype = jnp.dtype(dtype)
-  tol = 2e-5 if dtype == jnp.float32 else 2e-2
-  if impl in PALLAS or dtype != jnp.float32:  # interpret mode is slow: fewer cases
-    cases = (
-      [("isolated", "subm"), ("mixed", "strided")]
-      if dtype == jnp.float32
-      else [("mixed", "subm"), ("isolated", "strided")]
-    )
-  else:
-    cases = CASES
-  for i, (pattern, kind) in enumerate(cases):
-    seed = np.random.SeedSequence().entropy % 2**31  # fresh inputs every run
-    c_in, c_out = (16, 24) if impl in PALLAS else (5, 7)
-    x, w, ct, rb = _inputs(pattern, kind, c_in, c_out, dtype, seed)
-    out, dx, dw = _run(impl, x, w, ct, rb, dtype)
-    ref_out, ref_dx, ref_dw = _oracle(x, w, ct, rb)
-    what = f"{impl} {dtype.name} {pattern} {kind} seed={seed}"
-    _close(out, ref_out, tol, what + " forward")
-    # Padding input rows get no gradient: compare on active rows, require 0 elsewhere.
-    m = np.asarray(rb.in_mask)
-    _close(np.where(m[..., None], dx, 0), ref_dx, tol, what + " d/dx")
-    assert not np.asarray(jnp.abs(dx.astype(jnp.float32))[~m]).any(), what + " d/dx padding"
-    _close(dw, ref_dw, tol, what + " d/dw")
-    assert out.dtype == dtype and dx.dtype == dtype and dw.dtype == dtype
+class KernelTestBase:
+  """Every implementation vs the dense oracle. Subclasses set IMPL (and INTERPRET)."""
+
+  IMPL: str
+  INTERPRET = False
+  CHANNELS = (5, 7)
+
+  def setup_method(self):
+    if not self.INTERPRET and not api.supported(self.IMPL):
+      pytest.skip(f"{self.IMPL} compiles only on {sorted(api.IMPLEMENTATIONS[self.IMPL].backends)}")
+
+  def cases(self, dtype):
+    return CASES if dtype == "float32" and not self.INTERPRET else FEW_CASES[dtype]
+
+  @pytest.mark.parametrize("seed", SEEDS)
+  @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+  def test_matches_dense_oracle(self, dtype, seed):
+    """Forward, d/dx and d/dw vs the dense oracle (at HIGHEST precision).
+
+    Tolerance, relative to the largest reference value: float32 reductions over
+    K * C_in <= 9 * 16 products in a different order (a few ulp each, 2^-23 ~
+    1.2e-7) -> 2e-5 leaves ~100x margin; bfloat16 rounds the output (and dx,
+    dw) to 8 bits (2^-8 ~ 4e-3) after float32 accumulation, plus the bf16
+    cotangent -> 2e-2.
+    """
+    tol = 2e-5 if dtype == "float32" else 2e-2
+    dtype = jnp.dtype(dtype)
+    for i, (pattern, kind) in enumerate(self.cases(dtype.name)):
+      case_seed = 100 * seed + i
+      c_in, c_out = self.CHANNELS
+      x, w, ct, rb = _inputs(pattern, kind, c_in, c_out, dtype, case_seed)
+      out, dx, dw = _run(self.IMPL, x, w, ct, rb, dtype, self.INTERPRET)
+      ref_out, ref_dx, ref_dw = _oracle(x, w, ct, rb)
+      what = f"{self.IMPL} {dtype.name} {pattern} {kind} seed={case_seed}"
+      _close(out, ref_out, tol, what + " forward")
+      # Padding input rows get no gradient: compare on active rows, require 0 elsewhere.
+      m = np.asarray(rb.in_mask)
+      _close(np.where(m[..., None], dx, 0), ref_dx, tol, what + " d/dx")
+      assert not np.asarray(jnp.abs(dx.astype(jnp.float32))[~m]).any(), what + " d/dx padding"
+      _close(dw, ref_dw, tol, what + " d/dw")
+      assert out.dtype == dtype and dx.dtype == dtype and dw.dtype == dtype, what
+
+
+class TestReference(KernelTestBase):
+  IMPL = "reference"
+
+
+class TestGather(KernelTestBase):
+  IMPL = "gather"
+
+
+class TestPairs(KernelTestBase):
+  IMPL = "pairs"
+
+
+class TestPallasGpu(KernelTestBase):
+  IMPL = "pallas_gpu"
+  CHANNELS = (16, 24)
+
+
+class TestPallasGpuInterpret(TestPallasGpu):
+  INTERPRET = True
+
+
+class TestPallasTpu(KernelTestBase):
+  IMPL = "pallas_tpu"
+  CHANNELS = (16, 24)
+
+
+class TestPallasTpuInterpret(TestPallasTpu):
+  INTERPRET = True
 
 
 def test_interpret_mode_poisons_unwritten_outputs():
@@ -160,7 +207,7 @@ def test_pairs_any_tile_size(tile):
   """Tiles smaller than a tap's pair count, not dividing it, or larger than all pairs."""
   x, w, ct, rb = _inputs("mixed", "subm", 4, 6, jnp.float32, 7 + tile)
   ref, _, ref_dw = _oracle(x, w, ct, rb)
-  f = jax.jit(lambda a, b: pairs.conv_pairs(a, b, rb, tile=tile))
+  f = jax.jit(lambda a, b: pairs.conv_pairs(a, b, rb, api.PairsConfig(tile=tile)))
   _close(f(x, w), ref, 2e-5, f"tile={tile}")
   dw = jax.grad(lambda b: jnp.sum(f(x, b) * ct))(jnp.asarray(w))
   _close(dw, ref_dw, 2e-5, f"tile={tile} d/dw")
@@ -191,9 +238,38 @@ def test_api_rejects_bad_input():
   with pytest.raises(ValueError, match="input channels"):
     api.sparse_conv(x[..., :3], w, rb, implementation="pairs")
   with pytest.raises(ValueError, match="tile"):
-    api.sparse_conv(x, w, rb, implementation="pairs", tile=0)
-  assert api.resolve(None) in api.IMPLEMENTATIONS
-  assert set(api.DEFAULT_BY_BACKEND.values()) <= set(api.IMPLEMENTATIONS)
+    api.PairsConfig(tile=0)
+  with pytest.raises(TypeError, match="PairsConfig"):
+    api.sparse_conv(x, w, rb, implementation="pairs", config=api.PallasGpuConfig())
+  with pytest.raises(ValueError, match="takes no config"):
+    api.sparse_conv(x, w, rb, implementation="gather", config=api.PairsConfig())
+  with pytest.raises(ValueError, match="Pallas kernels only"):
+    api.sparse_conv(x, w, rb, implementation="gather", interpret=True)
+  with pytest.raises(ValueError, match="matmul precision"):
+    api.sparse_conv(x, w, rb, implementation="gather", precision="bf16ish")
+  with pytest.raises(ValueError, match="valid: "):
+    api.window_sum(jnp.asarray(x), rb, implementation="nope")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu", "tpu"])
+def test_default_is_the_measured_fastest_supported(backend):
+  """None resolves to DEFAULT_BY_BACKEND (pairs on CPU, gather on GPU), which runs there."""
+  want = {"cpu": "pairs", "gpu": "gather", "tpu": "gather"}[backend]
+  assert api.DEFAULT_BY_BACKEND[backend] == want
+  assert api.supported(want, backend)
+  assert api.WINDOW_SUM_DEFAULT_BY_BACKEND[backend] == ("tiles" if backend == "cpu" else "gather")
+  assert api.resolve(None) == api.DEFAULT_BY_BACKEND[jax.default_backend()]
+
+
+@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
+def test_pallas_off_its_backend_raises_unless_interpret(impl):
+  """No silent fallback to interpret mode: off its backend a Pallas kernel needs interpret=True."""
+  x, w, _, rb = _inputs("isolated", "subm", 16, 16, jnp.float32, 5)
+  if api.supported(impl):
+    pytest.skip(f"{impl} is native on this backend")
+  with pytest.raises(ValueError, match="interpret=True"):
+    api.sparse_conv(x, w, rb, implementation=impl)
+  assert api.resolve(impl, interpret=True) == impl
 
 
 def _sds(*arrays):
@@ -236,12 +312,13 @@ def test_lowering_for_accelerators(platform, impl, dtype):
     assert marker in text, f"no {platform} kernel in the lowered {fn}"
 
 
+@pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("make", ["train", "slide"])
-def test_hash_and_sort_builders_agree(make):
+def test_hash_and_sort_builders_agree(make, seed):
   if make == "train":
-    smap = shapes.train_views(seed=int(np.random.default_rng().integers(1 << 30)), views=32)
+    smap = bench.sparse_map(shapes.train_views(seed=seed, views=32))
   else:
-    smap = shapes.slide_sites(seed=int(np.random.default_rng().integers(1 << 30)), sites=500)
+    smap = bench.sparse_map(shapes.slide_sites(seed=seed, sites=500))
   a = tables.submanifold_rulebook(smap, builder="sort")
   b = tables.submanifold_rulebook(smap, builder="hash")
   np.testing.assert_array_equal(a.nbr, b.nbr)
@@ -252,30 +329,31 @@ def test_hash_and_sort_builders_agree(make):
     np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
 
 
-def test_train_shape_is_nearly_isolated():
+@pytest.mark.parametrize("seed", SEEDS)
+def test_train_shape_is_nearly_isolated(seed):
   """Level-1 tiles at d = 224 land ~4 cells apart: few sites have a neighbour."""
-  smap = shapes.train_views(seed=int(np.random.default_rng().integers(1 << 30)), views=64)
+  smap = bench.sparse_map(shapes.train_views(seed=seed, views=64))
   rb = tables.submanifold_rulebook(smap)
   n = int(smap.mask.sum())
-  assert 4 * 64 <= n <= 5 * 64  # duplicates are rare, never more than 5 per view
+  assert 4 * 64 <= n <= 5 * 64, f"seed={seed}: {n} sites"  # few duplicates, <= 5 per view
   pairs_per_site = int((rb.nbr >= 0).sum()) / n
-  assert 1.0 <= pairs_per_site < 1.3
-  cells = shapes.tissue_blob(np.random.default_rng(), 777)
-  assert len({tuple(c) for c in cells.tolist()}) == 777
+  assert 1.0 <= pairs_per_site < 1.3, f"seed={seed}: {pairs_per_site} pairs per site"
+  cells = shapes.tissue_blob(np.random.default_rng(seed), 777)
+  assert len({tuple(c) for c in cells.tolist()}) == 777, f"seed={seed}"
 
 
 # ------------------------------------------------------------- spconv peer --
 
 
+@pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("kind", ["subm", "strided"])
-def test_matches_spconv(kind):
+def test_matches_spconv(kind, seed):
   """Forward, d/dx and d/dw of `pairs` (and the oracle) vs spconv 2.x, 1 thread."""
   torch = pytest.importorskip("torch")
   pytest.importorskip("spconv")
   from gigassl_jax.kernels.sparse_conv import peer
 
   torch.set_num_threads(1)  # spconv's CPU scatter-add races with 2 threads
-  seed = np.random.SeedSequence().entropy % 2**31
   x, w, ct, rb = _inputs("mixed", kind, 8, 12, jnp.float32, seed)
   conv = peer.subm_conv(8, 12) if kind == "subm" else peer.strided_conv(8, 12)
   conv.weight.data[:] = peer.to_spconv_weight(w)
@@ -304,21 +382,22 @@ def test_matches_spconv(kind):
   _close(ref_out, theirs, 1e-4, f"dense oracle vs spconv {kind}")
 
 
+@pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("method", pairs.WINDOW_SUM_METHODS)
 @pytest.mark.parametrize("kind", ["subm", "strided"])
-def test_window_sum_matches_oracle(kind, method):
-  """window_sum (average pooling's numerator) = the dense conv with identity taps."""
-  seed = np.random.SeedSequence().entropy % 2**31
+def test_window_sum_matches_oracle(kind, method, seed):
+  """window_sum (average pooling's numerator) = the dense conv with identity taps, via the api."""
   x, _, _, rb = _inputs("mixed", kind, 3, 3, jnp.float32, seed)
   eye = np.broadcast_to(np.eye(3, dtype=np.float32), (9, 3, 3))
   ct = np.random.default_rng(seed).standard_normal(rb.out_mask.shape + (3,)).astype(np.float32)
   ref, ref_dx, _ = _oracle(x, eye, ct * np.asarray(rb.out_mask)[..., None], rb)
   xin = np.where(np.asarray(rb.in_mask)[..., None], x, np.nan)
-  out, vjp = jax.vjp(lambda a: pairs.window_sum(a, rb, method=method), jnp.asarray(xin))
+  out, vjp = jax.vjp(lambda a: api.window_sum(a, rb, implementation=method), jnp.asarray(xin))
   _close(out, ref, 1e-5, f"window_sum {method} {kind} seed={seed}")
   (dx,) = vjp(jnp.asarray(ct * np.asarray(rb.out_mask)[..., None]))
   _close(
-    np.where(np.asarray(rb.in_mask)[..., None], dx, 0), ref_dx, 1e-5, f"window_sum {method} d/dx"
+    np.where(np.asarray(rb.in_mask)[..., None], dx, 0),
+    ref_dx,
+    1e-5,
+    f"window_sum {method} d/dx seed={seed}",
   )
-  with pytest.raises(ValueError, match="valid: "):
-    pairs.window_sum(jnp.asarray(x), rb, method="nope")

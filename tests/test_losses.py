@@ -1,6 +1,7 @@
 """NT-Xent and the collapse measure against numpy, the SCN golden file, and devices."""
 
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 from gigassl_jax import losses
 
 GOLDEN = pathlib.Path(__file__).parent / "fixtures" / "golden_scn" / "ntxent.npz"
+SEEDS = (0, 1)  # fixed; a failing case names its seed in the test id
 
 
 def ntxent_numpy(z1, z2, tau):
@@ -37,8 +39,9 @@ def _mesh(n):
 
 
 @pytest.mark.parametrize("tau", [0.05, 0.5])
-def test_ntxent_matches_numpy(tau):
-  rng = np.random.default_rng()
+@pytest.mark.parametrize("seed", SEEDS)
+def test_ntxent_matches_numpy(tau, seed):
+  rng = np.random.default_rng(seed)
   z1 = rng.normal(size=(12, 24)).astype(np.float32)
   z2 = (z1 + rng.normal(size=z1.shape)).astype(np.float32)
   got = float(losses.nt_xent(z1, z2, tau))
@@ -48,8 +51,9 @@ def test_ntxent_matches_numpy(tau):
   np.testing.assert_allclose(got, ntxent_numpy(z1, z2, tau), rtol=2e-5, atol=2e-6 / tau)
 
 
-def test_ntxent_symmetric_in_views():
-  rng = np.random.default_rng()
+@pytest.mark.parametrize("seed", SEEDS)
+def test_ntxent_symmetric_in_views(seed):
+  rng = np.random.default_rng(seed)
   z1, z2 = rng.normal(size=(2, 8, 16)).astype(np.float32)
   np.testing.assert_allclose(losses.nt_xent(z1, z2), losses.nt_xent(z2, z1), rtol=1e-6)
 
@@ -80,15 +84,17 @@ def _sharded_loss(z1, z2, n_dev, axis_name):
   return jax.jit(f)(z1, z2)
 
 
-def test_global_negatives_over_devices_equal_single_device():
-  rng = np.random.default_rng()
+@pytest.mark.parametrize("seed", SEEDS)
+def test_global_negatives_over_devices_equal_single_device(seed):
+  rng = np.random.default_rng(seed)
   z1, z2 = rng.normal(size=(2, 16, 32)).astype(np.float32)
   got = float(_sharded_loss(z1, z2, 8, "data"))
   np.testing.assert_allclose(got, ntxent_numpy(z1, z2, 0.1), rtol=2e-5)
 
 
-def test_global_negatives_gradient_over_devices():
-  rng = np.random.default_rng()
+@pytest.mark.parametrize("seed", SEEDS)
+def test_global_negatives_gradient_over_devices(seed):
+  rng = np.random.default_rng(seed)
   z1, z2 = rng.normal(size=(2, 16, 32)).astype(np.float32)
 
   def sharded(a, b):
@@ -107,8 +113,9 @@ def test_global_negatives_gradient_over_devices():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * float(np.abs(b).max()))
 
 
-def test_local_negatives_equal_mean_of_per_device_losses():
-  rng = np.random.default_rng()
+@pytest.mark.parametrize("seed", SEEDS)
+def test_local_negatives_equal_mean_of_per_device_losses(seed):
+  rng = np.random.default_rng(seed)
   z1, z2 = rng.normal(size=(2, 16, 32)).astype(np.float32)
   got = float(_sharded_loss(z1, z2, 4, None))
   per_dev = [ntxent_numpy(z1[i : i + 4], z2[i : i + 4], 0.1) for i in range(0, 16, 4)]
@@ -117,8 +124,9 @@ def test_local_negatives_equal_mean_of_per_device_losses():
   assert got < ntxent_numpy(z1, z2, 0.1)
 
 
-def test_collapse_level_numpy_and_extremes():
-  rng = np.random.default_rng()
+@pytest.mark.parametrize("seed", SEEDS)
+def test_collapse_level_numpy_and_extremes(seed):
+  rng = np.random.default_rng(seed)
   z = rng.normal(size=(64, 256)).astype(np.float32)
   a = z / np.linalg.norm(z, axis=1, keepdims=True)
   want = a.std(0).mean() * np.sqrt(256)
@@ -126,3 +134,20 @@ def test_collapse_level_numpy_and_extremes():
   assert 0.9 < want < 1.1  # spread projections ~ 1
   collapsed = np.tile(z[:1], (64, 1)) + 1e-4 * rng.normal(size=z.shape).astype(np.float32)
   assert float(losses.collapse_level(collapsed)) < 0.01
+
+
+def _dot_precisions(text):
+  """Precision configs of every dot_general in StableHLO text (NONE = unspecified)."""
+  dots = re.findall(r"stablehlo\.dot_general[^\n]*", text)
+  return [m.group(1) if (m := re.search(r"precision = \[(\w+)", d)) else "NONE" for d in dots]
+
+
+@pytest.mark.parametrize("global_precision", ["default", "highest"])
+def test_ntxent_similarity_is_float32_highest_whatever_the_global_setting(global_precision):
+  """The similarity matmul (and its gradient's) lowers at HIGHEST in float32, even in bfloat16."""
+  z = jax.ShapeDtypeStruct((8, 16), jnp.bfloat16)
+  with jax.default_matmul_precision(global_precision):
+    text = jax.jit(jax.grad(losses.nt_xent, argnums=(0, 1))).lower(z, z).as_text()
+  precisions = _dot_precisions(text)
+  assert precisions and set(precisions) == {"HIGHEST"}, precisions
+  assert all("bf16" not in d for d in re.findall(r"stablehlo\.dot_general[^\n]*", text))

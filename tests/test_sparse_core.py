@@ -1,5 +1,7 @@
 """Sparse core: maps, neighbour tables, layers vs a dense oracle, BN, augmentation."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,12 +13,15 @@ from gigassl_jax import models
 from gigassl_jax.kernels.sparse_conv import api as conv_api
 from gigassl_jax.sparse import coord_augment, layers, maps, tables
 
-jax.config.update("jax_default_matmul_precision", "highest")
+# Every matmul here runs at full float32 precision, asked for explicitly
+# (precision="highest"), so the tolerances hold on a GPU too (no TF32).
+HIGHEST = "highest"
 
 
-@pytest.fixture
-def rng():
-  return np.random.default_rng()
+@pytest.fixture(params=[0], ids=lambda s: f"seed={s}")
+def rng(request):
+  """Seeded generator; the seed is in the test id, so a failure names it."""
+  return np.random.default_rng(request.param)
 
 
 # ------------------------------------------------------------------ maps ----
@@ -167,15 +172,15 @@ CASES = [
 def test_submanifold_conv_matches_dense_oracle(rng, case, ksize):
   sm = H.random_map(rng, channels=6, **case)
   w = jnp.asarray(rng.standard_normal((ksize * ksize, 6, 7)), jnp.float32)
-  conv = layers.SparseConv(6, 7, ksize, rngs=nnx.Rngs(0))
+  conv = layers.SparseConv(6, 7, ksize, precision=HIGHEST, rngs=nnx.Rngs(0))
   conv.weight.set_value(w)
   rb = tables.submanifold_rulebook(sm, ksize)
   ext = case["extent"] + 2
 
   def ours(f, w):
     if ksize == 1:
-      return f @ w[0]
-    return conv_api.sparse_conv(f, w, rb)
+      return jnp.matmul(f, w[0], precision=HIGHEST)
+    return conv_api.sparse_conv(f, w, rb, precision=HIGHEST)
 
   np.testing.assert_allclose(
     np.asarray(conv(sm.feats, rb)), np.asarray(ours(sm.feats, w)), rtol=1e-6, atol=1e-6
@@ -206,7 +211,7 @@ def test_strided_conv_and_avgpool_match_dense_oracle(rng, case):
   r = jnp.asarray(rng.standard_normal(rb.out_mask.shape + (5,)), jnp.float32)
 
   def ours(f, w):
-    return conv_api.sparse_conv(f, w, rb, implementation="gather")
+    return conv_api.sparse_conv(f, w, rb, implementation="gather", precision=HIGHEST)
 
   def oracle(f, w):
     return H.oracle_conv(f, w, sm.coords, sm.mask, rb.out_coords, rb.out_mask, ext, 2, 3)
@@ -233,10 +238,44 @@ def test_strided_conv_and_avgpool_match_dense_oracle(rng, case):
   np.testing.assert_allclose(np.asarray(ga), np.asarray(gb), rtol=1e-5, atol=1e-6)
 
 
+def _dot_precisions(text):
+  """Precision configs of every dot_general in StableHLO text (NONE = unspecified)."""
+  dots = re.findall(r"stablehlo\.dot_general[^\n]*", text)
+  return [m.group(1) if (m := re.search(r"precision = \[(\w+)", d)) else "NONE" for d in dots]
+
+
+@pytest.mark.parametrize("impl", ["pairs", "gather", "reference"])
+@pytest.mark.parametrize("precision,want", [("default", "DEFAULT"), ("highest", "HIGHEST")])
+def test_model_precision_reaches_every_matmul(rng, impl, precision, want):
+  """GigaSSL(precision=...) sets the precision config of every dot_general of the
+  sparse convs (forward and backward) and the projector, whatever JAX's global
+  default (set here to the other value to show it is not what decides)."""
+  sm = H.random_map(rng, 2, 5, 6, channels=8)
+  model = models.GigaSSL(8, conv_impl=impl, precision=precision, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+
+  def loss(state, sm):
+    rep, z = nnx.merge(graphdef, state)(sm)
+    return jnp.sum(rep) + jnp.sum(z)
+
+  other = "highest" if precision == "default" else "default"
+  with jax.default_matmul_precision(other):
+    text = jax.jit(jax.grad(loss)).lower(state, sm).as_text()
+  precisions = _dot_precisions(text)
+  # 3 projector matmuls forward (+ their two gradients each), 5 convs forward.
+  assert len(precisions) >= 3 * 3 + 5, precisions
+  assert set(precisions) == {want}, precisions
+
+
+def test_model_precision_rejects_unknown_names():
+  with pytest.raises(ValueError, match="precision"):
+    models.GigaSSL(8, precision="bf16", rngs=nnx.Rngs(0))
+
+
 def test_pooling_net_dense_and_gather_agree_with_gradients(rng):
   sm = H.random_map(rng, 4, 12, 12, channels=16)
-  net_a = models.PoolingNet(16, 24, conv_impl="gather", rngs=nnx.Rngs(3))
-  net_b = models.PoolingNet(16, 24, conv_impl="reference", rngs=nnx.Rngs(3))
+  net_a = models.PoolingNet(16, 24, conv_impl="gather", precision=HIGHEST, rngs=nnx.Rngs(3))
+  net_b = models.PoolingNet(16, 24, conv_impl="reference", precision=HIGHEST, rngs=nnx.Rngs(3))
   r = jnp.asarray(rng.standard_normal((4, 24)), jnp.float32)
 
   def loss(net, f):

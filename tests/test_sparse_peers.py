@@ -16,8 +16,6 @@ from gigassl_jax.sparse import tables
 torch = pytest.importorskip("torch", reason="peer test needs torch (CI installs it)")
 spconv = pytest.importorskip("spconv.pytorch", reason="peer test needs spconv (CI installs it)")
 
-jax.config.update("jax_default_matmul_precision", "highest")
-
 
 @pytest.fixture(autouse=True)
 def _spconv_cpu():
@@ -59,8 +57,9 @@ def _run_spconv(layer, sm, extent, r_rows):
     dict(n_views=3, n_tiles=100, extent=15),
   ],
 )
-def test_conv_matches_spconv(case, strided):
-  rng = np.random.default_rng()
+@pytest.mark.parametrize("seed", [0])
+def test_conv_matches_spconv(case, strided, seed):
+  rng = np.random.default_rng(seed)
   cin, cout = 5, 7
   sm = H.random_map(rng, channels=cin, **case)
   w = rng.standard_normal((9, cin, cout)).astype(np.float32)
@@ -81,7 +80,8 @@ def test_conv_matches_spconv(case, strided):
   r_rows = {(vv, *oc[vv, ss]): r[vv, ss] for vv, ss in zip(*np.nonzero(om))}
 
   ref_out, ref_gf, ref_gw = _run_spconv(layer, sm, extent, r_rows)
-  f = jax.jit(lambda x, w: conv_api.sparse_conv(x, w, rb))
+  # Full float32 matmuls, asked for explicitly (no TF32 on a GPU).
+  f = jax.jit(lambda x, w: conv_api.sparse_conv(x, w, rb, precision="highest"))
   out = np.asarray(f(sm.feats, jnp.asarray(w)))
   ours = {(vv, *oc[vv, ss]): out[vv, ss] for vv, ss in zip(*np.nonzero(om))}
   assert set(ours) == set(ref_out)  # same output sites

@@ -13,32 +13,27 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gigassl_jax.kernels.sparse_conv import api as conv_api
-from gigassl_jax.kernels.sparse_conv import pairs as pairs_impl
 
 # ---------------------------------------------------------------- functions --
 
 
-# pairs.window_sum method of avg_pool: None = by backend (tiles on CPU, gathers
-# elsewhere); the kernel benchmark sets it to time the other method.
-AVG_POOL_METHOD: str | None = None
-
-
-def avg_pool(feats, rulebook):
+def avg_pool(feats, rulebook, *, implementation: conv_api.WindowSumImplementation | None = None):
   """3x3 stride-2 average pooling: sum of the active inputs in the window / 9.
 
   SparseConvNet divides by the filter volume, not by the number of active
   inputs. Shares the strided convolution's rule book (same output sites).
-  The sum is pairs.window_sum (tiles of the real pairs on CPU, one row gather
-  per tap elsewhere; no [V, S_out, K, C] intermediate); forward and backward
-  are deterministic.
+  The sum is the kernel api's window_sum (tiles of the real pairs on CPU, one
+  row gather per tap elsewhere; no [V, S_out, K, C] intermediate); forward and
+  backward are deterministic.
 
   Args:
     feats: [V, S_in, C]; rulebook: tables.strided_rulebook(...).
+    implementation: window_sum's ("tiles", "gather"; None = the backend's).
 
   Returns:
     [V, S_out, C].
   """
-  return pairs_impl.window_sum(feats, rulebook, method=AVG_POOL_METHOD) / rulebook.taps
+  return conv_api.window_sum(feats, rulebook, implementation=implementation) / rulebook.taps
 
 
 def global_mean(feats, mask):
@@ -183,7 +178,9 @@ class SparseConv(nnx.Module):
   """Bias-free sparse convolution; weight [K, C_in, C_out] (tap k = ksize*d0 + d1).
 
   Which convolution (submanifold or strided) is decided by the rule book passed
-  at call time; `implementation` picks the kernel (see kernels/sparse_conv).
+  at call time; `implementation` and `config` pick the kernel (see
+  kernels/sparse_conv/api.py); `precision` is that of every matmul (None, a
+  jax.lax.Precision or "default" / "high" / "highest").
   """
 
   def __init__(
@@ -192,7 +189,9 @@ class SparseConv(nnx.Module):
     out_features: int,
     ksize: int = 3,
     *,
-    implementation: str | None = None,
+    implementation: conv_api.Implementation | None = None,
+    config: conv_api.Config | None = None,
+    precision=None,
     dtype=jnp.float32,
     param_dtype=jnp.float32,
     rngs: nnx.Rngs,
@@ -201,6 +200,8 @@ class SparseConv(nnx.Module):
     self.out_features = out_features
     self.ksize = ksize
     self.implementation = implementation
+    self.config = config
+    self.precision = conv_api.canonical_precision(precision)
     self.dtype = dtype
     self.weight = nnx.Param(
       _kaiming(rngs.params(), (ksize * ksize, in_features, out_features), param_dtype)
@@ -213,12 +214,15 @@ class SparseConv(nnx.Module):
       )
     if self.ksize == 1:
       # A 1x1 "submanifold" conv is a per-site matmul.
-      return feats.astype(self.dtype) @ self.weight[...][0].astype(self.dtype)
+      w = self.weight[...][0].astype(self.dtype)
+      return jnp.matmul(feats.astype(self.dtype), w, precision=self.precision)
     return conv_api.sparse_conv(
       feats.astype(self.dtype),
       self.weight[...].astype(self.dtype),
       rulebook,
       implementation=self.implementation,
+      config=self.config,
+      precision=self.precision,
     )
 
 

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from gigassl_jax.kernels.sparse_conv.rulebook import is_concrete
+
 # Grid coordinates must lie in [0, COORD_LIMIT) per axis: site keys are packed
 # as c0 * COORD_LIMIT + c1 in int32 (< 2**30), which leaves room for the +-1
 # neighbour offsets without overflow.
@@ -54,11 +56,6 @@ class SparseMap:
   def num_sites(self) -> jax.Array:
     """int32 [V]: active sites per view."""
     return jnp.sum(self.mask, axis=1, dtype=jnp.int32)
-
-
-def is_concrete(*xs) -> bool:
-  """True when no argument is a tracer, i.e. values can be checked eagerly."""
-  return not any(isinstance(x, jax.core.Tracer) for x in xs)
 
 
 def pack_keys(coords: jax.Array, valid: jax.Array) -> jax.Array:

@@ -11,6 +11,9 @@ Two interchangeable lookup structures find a coordinate's row:
 Both give identical tables (a test asserts it); `DEFAULT_BUILDER` is the one
 measured faster on CPU (see kernels/sparse_conv/bench.py).
 
+The tables are returned as the kernel package's own type,
+`gigassl_jax.kernels.sparse_conv.rulebook.Rulebook` (re-exported here).
+
 The mirrored table `nbr_t` [V, S_in, K] lists, for each INPUT row and tap, the
 output row that reads it through that tap (-1 = none). Backward passes gather
 with it instead of scatter-adding, which keeps them deterministic on GPU.
@@ -23,8 +26,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
-
+from gigassl_jax.kernels.sparse_conv.rulebook import Rulebook
 from gigassl_jax.sparse import maps
 
 BUILDERS = ("sort", "hash")
@@ -32,30 +34,15 @@ DEFAULT_BUILDER = "sort"
 
 _EMPTY = np.int32(-1)
 
-
-@struct.dataclass
-class Rulebook:
-  """Geometry of one sparse convolution (or pooling) between two site sets.
-
-  nbr:   int32 [V, S_out, K]  output row -> input row per tap (-1 none).
-  nbr_t: int32 [V, S_in, K]   input row -> output row per tap (-1 none).
-  in_coords/out_coords int32 [V, S, 2], in_mask/out_mask bool [V, S]: kept for
-  the dense oracle implementation and for tests.
-  ksize, stride: static kernel size and stride.
-  """
-
-  nbr: jax.Array
-  nbr_t: jax.Array
-  in_coords: jax.Array
-  in_mask: jax.Array
-  out_coords: jax.Array
-  out_mask: jax.Array
-  ksize: int = struct.field(pytree_node=False, default=3)
-  stride: int = struct.field(pytree_node=False, default=1)
-
-  @property
-  def taps(self) -> int:
-    return self.nbr.shape[-1]
+__all__ = [
+  "BUILDERS",
+  "DEFAULT_BUILDER",
+  "Rulebook",
+  "lookup",
+  "strided_output_sites",
+  "strided_rulebook",
+  "submanifold_rulebook",
+]
 
 
 # ---------------------------------------------------------------- lookups ----

@@ -1,5 +1,6 @@
-"""Sparse-convolution kernels behind one API (see api.py)."""
+"""Sparse-convolution kernels behind one API (see api.py); rulebook.py is their input type."""
 
-from gigassl_jax.kernels.sparse_conv.api import IMPLEMENTATIONS, resolve, sparse_conv
+from gigassl_jax.kernels.sparse_conv import api
+from gigassl_jax.kernels.sparse_conv.api import *  # noqa: F403  the public API, listed in api.__all__
 
-__all__ = ["IMPLEMENTATIONS", "resolve", "sparse_conv"]
+__all__ = api.__all__

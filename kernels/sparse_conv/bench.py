@@ -12,9 +12,9 @@ Per named shape (kernels/sparse_conv/shapes.py):
              forward+backward except for slide100k).
 Rows: every implementation registered in api.IMPLEMENTATIONS (except `dense`,
 whose grid is too large here, and Pallas kernels off their backend), extra
-`pairs@T` tile sizes, `<impl>+pool:<method>` (train shapes: the first
-implementation with the average pool's window sum computed by the method this
-backend does not use by default, see pairs.window_sum), spconv (when installed)
+`pairs@T` tile sizes (api.PairsConfig(tile=T)), `<impl>+pool:<method>` (train
+shapes: the first implementation with the average pool's window sum computed by
+the api.window_sum implementation this backend does not use by default), spconv (when installed)
 at 1 and 2 torch threads on the
 same inputs (for slides its index pairs are built before timing, as ours), the
 table builders (sort, hash), and `gemm`: one dense GEMM doing the same useful
@@ -31,7 +31,6 @@ relative to the same-FLOP GEMM (1 = at the compute limit).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import os
@@ -45,11 +44,17 @@ from flax import nnx
 from gigassl_jax.kernels.sparse_conv import api, pairs, shapes
 
 from gigassl_jax import models
-from gigassl_jax.sparse import layers, maps, tables
+from gigassl_jax.sparse import coord_augment, maps, tables
 from gigassl_jax.machine import cpu_name as _cpu_name
 
 SKIP = {"dense"}
-BACKEND_ONLY = {"pallas_gpu": "gpu", "pallas_tpu": "tpu"}
+
+
+def _impl_and_config(label):
+  """Arm label -> (implementation, config): "pairs@T" is `pairs` with tile T."""
+  if label.startswith("pairs@"):
+    return "pairs", api.PairsConfig(tile=int(label.split("@", 1)[1]))
+  return label, None
 
 
 def _block(fn):
@@ -80,6 +85,21 @@ def _device():
   return f"{d.platform}:{d.device_kind}"
 
 
+def sparse_map(sites: shapes.Sites) -> maps.SparseMap:
+  """A benchmark shape's sites placed on a sparse map, as the model's input pipeline does.
+
+  Level-0 positions get the reference coordinate augmentation (key
+  `sites.augment_seed`) and are quantised with `sites.cell`; grid cells are
+  used as they are.
+  """
+  if sites.cell is None:
+    return maps.from_grid(sites.xy, sites.feats)
+  xy = sites.xy
+  if sites.augment_seed is not None:
+    xy = np.asarray(coord_augment.augment_views(jax.random.PRNGKey(sites.augment_seed), xy))
+  return maps.build_views(xy, sites.feats, cell=sites.cell)
+
+
 # ------------------------------------------------------------------- FLOPs --
 
 
@@ -105,28 +125,24 @@ def block_flops(smap, c_in, c):
 # ------------------------------------------------------------------- JAX ----
 
 
-@contextlib.contextmanager
-def _pool_method(method):
-  """layers.avg_pool with pairs.window_sum's `method` (None = the backend's default)."""
-  old = layers.AVG_POOL_METHOD
-  layers.AVG_POOL_METHOD = method
-  try:
-    yield
-  finally:
-    layers.AVG_POOL_METHOD = old
-
-
 def _other_pool_method():
-  return next(m for m in pairs.WINDOW_SUM_METHODS if m != pairs.default_window_sum_method())
+  default = api.WINDOW_SUM_DEFAULT_BY_BACKEND.get(jax.default_backend(), "gather")
+  return next(m for m in pairs.WINDOW_SUM_METHODS if m != default)
 
 
-def _jax_block(impl, shape, builder, pool_method=None):
-  """{pass: warmed-up callable} of the whole pooling network."""
+def _jax_block(impl, shape, smap, builder, pool_method=None):
+  """{pass: warmed-up callable} of the whole pooling network on `smap`."""
+  conv_impl, conv_config = _impl_and_config(impl)
   net = models.PoolingNet(
-    shape.c_in, shape.c_out, conv_impl=impl, table_builder=builder, rngs=nnx.Rngs(0)
+    shape.c_in,
+    shape.c_out,
+    conv_impl=conv_impl,
+    conv_config=conv_config,
+    pool_impl=pool_method,
+    table_builder=builder,
+    rngs=nnx.Rngs(0),
   )
   gdef, params, rest = nnx.split(net, nnx.Param, ...)
-  smap = shape.smap
   ct = jnp.asarray(
     np.random.default_rng(0)
     .standard_normal((smap.num_views, 4 * smap.capacity, shape.c_out))
@@ -142,17 +158,18 @@ def _jax_block(impl, shape, builder, pool_method=None):
   fwd = jax.jit(lambda p, r, s: nnx.merge(gdef, p, jax.tree.map(jnp.asarray, r)).sites(s).feats)
   fb = jax.jit(jax.grad(loss))
   fns = {"fwd": lambda: fwd(params, rest, smap), "fwd_bwd": lambda: fb(params, rest, smap)}
-  with _pool_method(pool_method):
-    for f in fns.values():  # compile (traced with the pooling in force)
-      _block(f)
+  for f in fns.values():  # compile
+    _block(f)
   return fns
 
 
 def _jax_conv(impl, x, w, rb, passes):
   # The rule book is an argument, not a constant: its per-call preprocessing
   # (e.g. the pair plan) is timed, and XLA cannot fold it at compile time.
+  name, config = _impl_and_config(impl)
+
   def f(x, w, rb):
-    return api.sparse_conv(x, w, rb, implementation=impl)
+    return api.sparse_conv(x, w, rb, implementation=name, config=config)
 
   # A random cotangent: with ones XLA could simplify the backward GEMMs to sums.
   ct = jnp.asarray(
@@ -186,12 +203,12 @@ def _gemm(flops, c_in, c_out, passes):
   return fns
 
 
-def _builder(shape, b):
+def _builder(shape, smap, b):
   if shape.block:
     f = jax.jit(lambda s: _block_geometry(s, b))
   else:
     f = jax.jit(lambda s: tables.submanifold_rulebook(s, builder=b))
-  fn = functools.partial(f, shape.smap)
+  fn = functools.partial(f, smap)
   _block(fn)
   return {"build": fn}
 
@@ -199,7 +216,7 @@ def _builder(shape, b):
 # ------------------------------------------------------------------ spconv --
 
 
-def _spconv(shape, passes, threads, device="cpu"):
+def _spconv(shape, smap, passes, threads, device="cpu"):
   """{pass: warmed-up callable} running the spconv peer with `threads` torch threads.
 
   device "cuda": spconv's GPU kernels, each call ending with a device sync.
@@ -207,7 +224,6 @@ def _spconv(shape, passes, threads, device="cpu"):
   import torch
   from gigassl_jax.kernels.sparse_conv import peer
 
-  smap = shape.smap
   coords, feats, mask = (np.asarray(a) for a in (smap.coords, smap.feats, smap.mask))
   if shape.block:
     blk = peer.PoolingBlock(shape.c_in, shape.c_out).to(device)
@@ -268,13 +284,14 @@ def _shape_records(name, impls, repeats, tiles, spconv_threads, spconv_device="c
   dev, cpu = _device(), _cpu_name()
   print(f"shape {name}: building inputs and compiling", flush=True)
   shape = shapes.make(name)
+  smap = sparse_map(shape.sites)
   passes = ("fwd",) if name == "slide100k" else ("fwd", "fwd_bwd")
   rb = w = None
   if shape.block:
-    fwd_f, fb_f = block_flops(shape.smap, shape.c_in, shape.c_out)
+    fwd_f, fb_f = block_flops(smap, shape.c_in, shape.c_out)
     flops = {"fwd": fwd_f, "fwd_bwd": fb_f}
   else:
-    rb = tables.submanifold_rulebook(shape.smap)
+    rb = tables.submanifold_rulebook(smap)
     f = 2 * int(pairs.count_pairs(rb)) * shape.c_in * shape.c_out
     flops = {"fwd": f, "fwd_bwd": 3 * f}
     w = jnp.asarray(
@@ -294,32 +311,34 @@ def _shape_records(name, impls, repeats, tiles, spconv_threads, spconv_device="c
 
   arm("gemm", lambda: _gemm(flops, shape.c_out if shape.block else shape.c_in, shape.c_out, passes))
   for b in tables.BUILDERS:
-    arm(f"tables:{b}", functools.partial(_builder, shape, b))
+    arm(f"tables:{b}", functools.partial(_builder, shape, smap, b))
   for impl in list(impls) + [f"pairs@{t}" for t in tiles]:
-    if impl in BACKEND_ONLY and jax.default_backend() != BACKEND_ONLY[impl]:
+    if not api.supported(_impl_and_config(impl)[0]):  # Pallas kernels off their backend
       continue
     if shape.block:
-      arm(impl, functools.partial(_jax_block, impl, shape, tables.DEFAULT_BUILDER))
+      arm(impl, functools.partial(_jax_block, impl, shape, smap, tables.DEFAULT_BUILDER))
     else:
-      arm(impl, functools.partial(_jax_conv, impl, shape.smap.feats, w, rb, passes))
+      arm(impl, functools.partial(_jax_conv, impl, smap.feats, w, rb, passes))
   if shape.block and impls:
     other = _other_pool_method()
     arm(
       f"{impls[0]}+pool:{other}",
-      functools.partial(_jax_block, impls[0], shape, tables.DEFAULT_BUILDER, pool_method=other),
+      functools.partial(
+        _jax_block, impls[0], shape, smap, tables.DEFAULT_BUILDER, pool_method=other
+      ),
     )
   for th in spconv_threads:
     if spconv_device == "cpu":
       arm(
         f"spconv(threads={th})",
-        functools.partial(_spconv, shape, passes, th),
+        functools.partial(_spconv, shape, smap, passes, th),
         device=f"cpu:{cpu} (torch)",
         threads=th,
       )
     else:
       arm(
         "spconv(cuda)",
-        functools.partial(_spconv, shape, passes, th, spconv_device),
+        functools.partial(_spconv, shape, smap, passes, th, spconv_device),
         device=f"{_torch_gpu_name()} (torch)",
         threads=th,
       )
@@ -351,8 +370,6 @@ def _torch_gpu_name():
 
 def run(names, impls, repeats, tiles, spconv_threads, spconv_device="cpu"):
   """All records for the named shapes."""
-  for t in tiles:
-    api.IMPLEMENTATIONS[f"pairs@{t}"] = functools.partial(pairs.conv_pairs, tile=t)
   records = []
   for name in names:
     records += _shape_records(name, impls, repeats, tiles, spconv_threads, spconv_device)
@@ -408,7 +425,8 @@ def main(argv=None):
       ap.error(f"unknown shape {n!r}; valid: {shapes.NAMES}")
   impls = [i for i in a.impls.split(",") if i]
   for i in impls:
-    api.resolve(i)
+    if i not in api.IMPLEMENTATIONS:
+      ap.error(f"unknown implementation {i!r}; valid: {sorted(api.IMPLEMENTATIONS)}")
   tiles = [int(t) for t in a.pairs_tiles.split(",") if t]
   threads = [int(t) for t in a.spconv_threads.split(",") if t]
   print(

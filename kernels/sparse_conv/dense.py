@@ -5,16 +5,28 @@ checks the tables as well as the arithmetic. Memory grows with the grid area:
 for tests and small maps only.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gigassl_jax.sparse import maps
+from gigassl_jax.kernels.sparse_conv.rulebook import is_concrete
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseConfig:
+  """extent: static grid size per axis (> every input coordinate); None = computed
+  from the coordinates, which must then be concrete (not traced)."""
+
+  extent: int | None = None
 
 
 def _extent(rulebook):
-  if not maps.is_concrete(rulebook.in_coords, rulebook.in_mask):
-    raise ValueError("the dense implementation needs a static grid size under jit: pass extent=")
+  if not is_concrete(rulebook.in_coords, rulebook.in_mask):
+    raise ValueError(
+      "the dense implementation needs a static grid size under jit: pass DenseConfig(extent=...)"
+    )
   c = np.asarray(rulebook.in_coords)[np.asarray(rulebook.in_mask)]
   return int(c.max(initial=0)) + 1
 
@@ -29,19 +41,18 @@ def scatter_dense(feats, coords, mask, extent):
   return grid.at[vi, x, y].set(feats, mode="drop")
 
 
-def conv_dense(feats, weight, rulebook, extent=None):
+def conv_dense(feats, weight, rulebook, config=DenseConfig(), *, precision=None):
   """Sparse convolution through a dense grid.
 
   Args:
-    feats: [V, S_in, C_in]; weight: [K, C_in, C_out]; rulebook: tables.Rulebook.
-    extent: static grid size per axis (> every input coordinate); computed from
-      the coordinates when they are concrete.
+    feats: [V, S_in, C_in]; weight: [K, C_in, C_out]; rulebook: rulebook.Rulebook.
+    config: DenseConfig (the grid extent).
+    precision: of the convolution; None = HIGHEST (this is the oracle).
 
   Returns:
     [V, S_out, C_out], zero on inactive output rows.
   """
-  if extent is None:
-    extent = _extent(rulebook)
+  extent = _extent(rulebook) if config.extent is None else config.extent
   ks = rulebook.ksize
   dense = scatter_dense(feats, rulebook.in_coords, rulebook.in_mask, extent)
   kernel = weight.reshape(ks, ks, weight.shape[1], weight.shape[2])  # [d0, d1, Cin, Cout]
@@ -57,7 +68,7 @@ def conv_dense(feats, weight, rulebook, extent=None):
     (rulebook.stride,) * 2,
     pad,
     dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    precision=jax.lax.Precision.HIGHEST,
+    precision=jax.lax.Precision.HIGHEST if precision is None else precision,
   )
   v, s_out = rulebook.out_mask.shape
   vi = jnp.broadcast_to(jnp.arange(v)[:, None], (v, s_out))

@@ -60,14 +60,15 @@ def _gather_bwd(res, g):
 gather_taps.defvjp(_gather_fwd, _gather_bwd)
 
 
-def conv_gather(feats, weight, rulebook):
+def conv_gather(feats, weight, rulebook, *, precision=None):
   """Sparse convolution = gather_taps + einsum over (tap, in-channel).
 
   Args:
-    feats: [V, S_in, C_in]; weight: [K, C_in, C_out]; rulebook: tables.Rulebook.
+    feats: [V, S_in, C_in]; weight: [K, C_in, C_out]; rulebook: rulebook.Rulebook.
+    precision: of the einsum (None = JAX's default).
 
   Returns:
     [V, S_out, C_out].
   """
   g = gather_taps(feats, rulebook.nbr, rulebook.nbr_t)
-  return jnp.einsum("vokc,kcd->vod", g, weight.astype(g.dtype))
+  return jnp.einsum("vokc,kcd->vod", g, weight.astype(g.dtype), precision=precision)

@@ -26,12 +26,25 @@ Backward (custom_vjp), same tiles in the same order:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
 DEFAULT_TILE = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class PairsConfig:
+  """tile: rows per tile (static). Smaller tiles waste fewer rows (at most
+  K * (tile - 1) padding rows in all), larger ones run faster GEMMs."""
+
+  tile: int = DEFAULT_TILE
+
+  def __post_init__(self):
+    if self.tile < 1:
+      raise ValueError(f"tile must be a positive number of rows, got {self.tile}")
 
 
 def _plan(nbr, n_in, tile):
@@ -79,40 +92,41 @@ def _rows(a, idx):
   return a.at[idx].get(mode="fill", fill_value=0, unique_indices=False)
 
 
-def _dot(a, b):
-  return jnp.dot(a, b, preferred_element_type=jnp.float32)
+def _dot(a, b, precision):
+  return jnp.dot(a, b, precision=precision, preferred_element_type=jnp.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def tiled_pairs(x, w, src, dst, tap, n_used, n_out):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def tiled_pairs(x, w, src, dst, tap, n_used, n_out, precision=None):
   """out[dst[t]] += x[src[t]] @ w[tap[t]] for the first n_used tiles.
 
   Args:
     x: [N_in, C_in]; w: [K, C_in, C_out]; src, dst: int32 [n_tiles, T];
-    tap: int32 [n_tiles]; n_used: int32 [] tiles to run; n_out: static N_out.
+    tap: int32 [n_tiles]; n_used: int32 [] tiles to run; n_out: static N_out;
+    precision: of the GEMMs (static; None = JAX's default).
 
   Returns:
     [N_out, C_out] in x's dtype (accumulated in float32).
   """
-  return _forward(x, w, src, dst, tap, n_used, n_out)
+  return _forward(x, w, src, dst, tap, n_used, n_out, precision)
 
 
-def _forward(x, w, src, dst, tap, n_used, n_out):
+def _forward(x, w, src, dst, tap, n_used, n_out, precision):
   out = jnp.zeros((n_out, w.shape[2]), jnp.float32)
 
   def body(t, out):
-    y = _dot(_rows(x, src[t]), w[tap[t]])
+    y = _dot(_rows(x, src[t]), w[tap[t]], precision)
     return out.at[dst[t]].add(y, mode="drop", unique_indices=True)
 
   out = jax.lax.fori_loop(0, n_used, body, out)
   return out.astype(x.dtype)
 
 
-def _fwd(x, w, src, dst, tap, n_used, n_out):
-  return _forward(x, w, src, dst, tap, n_used, n_out), (x, w, src, dst, tap, n_used)
+def _fwd(x, w, src, dst, tap, n_used, n_out, precision):
+  return _forward(x, w, src, dst, tap, n_used, n_out, precision), (x, w, src, dst, tap, n_used)
 
 
-def _bwd(n_out, res, g):
+def _bwd(n_out, precision, res, g):
   del n_out
   x, w, src, dst, tap, n_used = res
 
@@ -123,8 +137,8 @@ def _bwd(n_out, res, g):
   def body(t, carry):
     dx, dw = carry
     gt = _rows(g, dst[t]).astype(x.dtype)  # [T, C_out]; zero on unused slots
-    dx = dx.at[src[t]].add(_dot(gt, w[tap[t]].T), mode="drop", unique_indices=True)
-    dw = dw.at[tap[t]].add(_dot(_rows(x, src[t]).T, gt))
+    dx = dx.at[src[t]].add(_dot(gt, w[tap[t]].T, precision), mode="drop", unique_indices=True)
+    dw = dw.at[tap[t]].add(_dot(_rows(x, src[t]).T, gt, precision))
     return dx, dw
 
   dx, dw = jax.lax.fori_loop(
@@ -143,19 +157,18 @@ def flat_table(nbr, s_in):
   return jnp.where(nbr >= 0, nbr + base, -1).reshape(-1, nbr.shape[-1])
 
 
-def conv_pairs(feats, weight, rulebook, tile: int = DEFAULT_TILE):
+def conv_pairs(feats, weight, rulebook, config=PairsConfig(), *, precision=None):
   """Pair-compacted sparse convolution.
 
   Args:
-    feats: [V, S_in, C_in]; weight: [K, C_in, C_out]; rulebook: tables.Rulebook.
-    tile: rows per tile (static). Smaller tiles waste fewer rows (at most
-      K * (tile - 1) padding rows in all), larger ones run faster GEMMs.
+    feats: [V, S_in, C_in]; weight: [K, C_in, C_out]; rulebook: rulebook.Rulebook.
+    config: PairsConfig (the tile size).
+    precision: of the GEMMs (None = JAX's default).
 
   Returns:
     [V, S_out, C_out]; rows with no pair (inactive outputs) are zero.
   """
-  if tile < 1:
-    raise ValueError(f"tile must be a positive number of rows, got {tile}")
+  tile = config.tile
   v, s_in, c_in = feats.shape
   s_out = rulebook.nbr.shape[1]
   nbr = flat_table(rulebook.nbr, s_in)
@@ -169,6 +182,7 @@ def conv_pairs(feats, weight, rulebook, tile: int = DEFAULT_TILE):
     tap,
     n_used,
     v * s_out,
+    precision,
   )
   return out.reshape(v, s_out, weight.shape[-1])
 
@@ -213,39 +227,33 @@ tiled_sum.defvjp(_tiled_sum_fwd, _tiled_sum_bwd)
 WINDOW_SUM_METHODS = ("tiles", "gather")
 
 
-def default_window_sum_method() -> str:
-  """window_sum's method on this backend: "tiles" on CPU, "gather" elsewhere."""
-  return "tiles" if jax.default_backend() == "cpu" else "gather"
-
-
-def window_sum(feats, rulebook, tile: int = DEFAULT_TILE, method: str | None = None):
+def window_sum(feats, rulebook, method: str, tile: int = DEFAULT_TILE):
   """Sum of the active inputs in each output's window: out[o] = sum_k feats[nbr[o, k]].
 
   What SparseConvNet's average pooling computes before dividing by the window
   size (avg_pool = window_sum / 9). Both methods sum each output's taps in the
   order k = 0..K-1 and are deterministic (no atomics):
 
-  - "tiles" (CPU default): the pairs of the strided conv's plan (the same rule
+  - "tiles" (api's CPU default): the pairs of the strided conv's plan (the same rule
     book, so XLA computes the plan once for both) are added tile by tile: ~1
     pair per output at the training shape, where K row gathers over all output
     rows cost 9x more. The backward runs the same tiles with src and dst
     swapped. Being a loop, it also keeps XLA from fusing the gathers into
     their consumers (on CPU the backward's gathers of the batch-norm gradient
     had become a 70 ms transposing loop fusion).
-  - "gather" (default elsewhere): K row gathers, one per tap, fused with the
+  - "gather" (api's default elsewhere): K row gathers, one per tap, fused with the
     sum; the backward gathers through `nbr_t`. On a GPU a sequential tile loop
     costs a few kernel launches per tile (the `pairs` conv ran 4x slower than
     `gather` on an H200 for that reason), while the gathers fuse into one kernel.
 
   Args:
-    feats: [V, S_in, C]; rulebook: tables.Rulebook.
+    feats: [V, S_in, C]; rulebook: rulebook.Rulebook.
+    method: one of WINDOW_SUM_METHODS (api.window_sum picks it per backend).
     tile: rows per tile ("tiles").
-    method: one of WINDOW_SUM_METHODS, or None: default_window_sum_method().
 
   Returns:
     [V, S_out, C].
   """
-  method = method or default_window_sum_method()
   if method not in WINDOW_SUM_METHODS:
     raise ValueError(f"unknown window_sum method {method!r}; valid: {WINDOW_SUM_METHODS}")
   v, s_in, c = feats.shape
@@ -295,9 +303,9 @@ def count_pairs(rulebook) -> jax.Array:
 __all__ = [
   "DEFAULT_TILE",
   "WINDOW_SUM_METHODS",
+  "PairsConfig",
   "conv_pairs",
   "count_pairs",
-  "default_window_sum_method",
   "flat_table",
   "tiled_pairs",
   "tiled_sum",

@@ -30,13 +30,35 @@ Accumulation is float32 for every input dtype.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
-from gigassl_jax.kernels.sparse_conv import pairs
+from gigassl_jax.kernels.sparse_conv import flat_conv
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasGpuConfig:
+  """Tile sizes and Triton launch parameters of the gather-GEMM kernels.
+
+  block_m: output rows per program (BM); block_n: output channels (BN);
+  block_k: input channels per inner step (BK); channel blocks shrink to the
+  16-rounded channel counts, so >= 16 each. num_warps, num_stages: Triton's.
+  """
+
+  block_m: int = 64
+  block_n: int = 64
+  block_k: int = 32
+  num_warps: int = 4
+  num_stages: int = 2
+
+  def __post_init__(self):
+    for f in ("block_m", "block_n", "block_k"):
+      if getattr(self, f) < 16:
+        raise ValueError(f"{f} must be >= 16 (Triton's smallest dot), got {getattr(self, f)}")
 
 
 def _round_up(n, m):
@@ -63,7 +85,7 @@ def _geometry(n_out, c_in, c_out, block_m, block_k, block_n):
   )
 
 
-def _gather_gemm_kernel(nbr_ref, x_ref, w_ref, o_ref, *, block_k):
+def _gather_gemm_kernel(nbr_ref, x_ref, w_ref, o_ref, *, block_k, precision):
   # nbr_ref: int32 [BM, K] block of the table; x_ref: [N_in, C_in] whole array
   # (read by gather loads); w_ref: [K, C_in, BN]; o_ref: [BM, BN].
   bm, taps = nbr_ref.shape
@@ -79,7 +101,7 @@ def _gather_gemm_kernel(nbr_ref, x_ref, w_ref, o_ref, *, block_k):
       cols = (c * block_k + jnp.arange(block_k, dtype=jnp.int32))[None, :]
       xk = pl_triton.load(x_ref.at[rows, cols], mask=ok[:, None], other=0)
       wk = w_ref[k, pl.ds(c * block_k, block_k), :]
-      return acc + jnp.dot(xk, wk, preferred_element_type=jnp.float32)
+      return acc + jnp.dot(xk, wk, precision=precision, preferred_element_type=jnp.float32)
 
     return jax.lax.fori_loop(0, c_in // block_k, chan, acc)
 
@@ -87,18 +109,19 @@ def _gather_gemm_kernel(nbr_ref, x_ref, w_ref, o_ref, *, block_k):
   o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def gather_gemm(
-  nbr, x, w, *, block_m=64, block_n=64, block_k=32, num_warps=4, num_stages=2, interpret=False
-):
+def gather_gemm(nbr, x, w, config=PallasGpuConfig(), *, interpret=False, precision=None):
   """out[o] = sum_k x[nbr[o, k]] @ w[k] (absent taps contribute 0).
 
   Args:
     nbr: int32 [N_out, K] flat input rows (-1 none); x: [N_in, C_in];
-    w: [K, C_in, C_out]. Blocks: BM rows, BN output and BK input channels.
+    w: [K, C_in, C_out]; config: blocks (BM rows, BN output and BK input
+    channels) and launch parameters; interpret: Pallas interpret mode;
+    precision: of the in-kernel dots (Triton: HIGHEST = IEEE fp32, else TF32).
 
   Returns:
     [N_out, C_out] in x's dtype.
   """
+  block_m, block_n, block_k = config.block_m, config.block_n, config.block_k
   n_out, taps = nbr.shape
   _, c_in, c_out = w.shape
   block_k, block_n, n_pad, ci_pad, co_pad = _geometry(n_out, c_in, c_out, block_m, block_k, block_n)
@@ -106,7 +129,7 @@ def gather_gemm(
   x = _pad_to(x, 1, ci_pad)
   w = _pad_to(_pad_to(w.astype(x.dtype), 1, ci_pad), 2, co_pad)
   out = pl.pallas_call(
-    functools.partial(_gather_gemm_kernel, block_k=block_k),
+    functools.partial(_gather_gemm_kernel, block_k=block_k, precision=precision),
     grid=(n_pad // block_m, co_pad // block_n),
     in_specs=[
       pl.BlockSpec((block_m, taps), lambda i, j: (i, 0)),
@@ -115,13 +138,17 @@ def gather_gemm(
     ],
     out_specs=pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)),
     out_shape=jax.ShapeDtypeStruct((n_pad, co_pad), x.dtype),
-    compiler_params=pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+    compiler_params=_compiler_params(config),
     interpret=interpret,
   )(nbr, x, w)
   return out[:n_out, :c_out]
 
 
-def _wgrad_kernel(nbr_ref, x_ref, g_ref, o_ref, *, block_m):
+def _compiler_params(config):
+  return pl_triton.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def _wgrad_kernel(nbr_ref, x_ref, g_ref, o_ref, *, block_m, precision):
   # Program (k, a, b): dw[k, a*BK:(a+1)*BK, b*BN:(b+1)*BN].
   # nbr_ref: int32 [N_out, K]; x_ref: [N_in, C_in]; g_ref: [N_out, BN] (column
   # block b of the cotangent); o_ref: [1, BK, BN].
@@ -138,16 +165,15 @@ def _wgrad_kernel(nbr_ref, x_ref, g_ref, o_ref, *, block_m):
     cols = (a * bk + jnp.arange(bk, dtype=jnp.int32))[None, :]
     xk = pl_triton.load(x_ref.at[rows, cols], mask=ok[:, None], other=0)  # [BM, BK]
     gk = pl_triton.load(g_ref.at[ridx[:, None], jnp.arange(bn, dtype=jnp.int32)[None, :]])
-    return acc + jnp.dot(xk.T, gk, preferred_element_type=jnp.float32)
+    return acc + jnp.dot(xk.T, gk, precision=precision, preferred_element_type=jnp.float32)
 
   acc = jax.lax.fori_loop(0, n_out // block_m, rows_block, jnp.zeros((bk, bn), jnp.float32))
   o_ref[0] = acc.astype(o_ref.dtype)
 
 
-def weight_grad(
-  nbr, x, g, *, block_m=64, block_n=64, block_k=32, num_warps=4, num_stages=2, interpret=False
-):
-  """dw[k] = sum_o x[nbr[o, k]].T @ g[o]: float32 [K, C_in, C_out]."""
+def weight_grad(nbr, x, g, config=PallasGpuConfig(), *, interpret=False, precision=None):
+  """dw[k] = sum_o x[nbr[o, k]].T @ g[o]: float32 [K, C_in, C_out] (arguments as gather_gemm)."""
+  block_m, block_n, block_k = config.block_m, config.block_n, config.block_k
   n_out, taps = nbr.shape
   c_in, c_out = x.shape[1], g.shape[1]
   block_k, block_n, n_pad, ci_pad, co_pad = _geometry(n_out, c_in, c_out, block_m, block_k, block_n)
@@ -155,7 +181,7 @@ def weight_grad(
   x = _pad_to(x, 1, ci_pad)
   g = _pad_to(_pad_to(g.astype(x.dtype), 0, n_pad), 1, co_pad)
   dw = pl.pallas_call(
-    functools.partial(_wgrad_kernel, block_m=block_m),
+    functools.partial(_wgrad_kernel, block_m=block_m, precision=precision),
     grid=(taps, ci_pad // block_k, co_pad // block_n),
     in_specs=[
       pl.BlockSpec(nbr.shape, lambda k, a, b: (0, 0)),
@@ -164,71 +190,36 @@ def weight_grad(
     ],
     out_specs=pl.BlockSpec((1, block_k, block_n), lambda k, a, b: (k, a, b)),
     out_shape=jax.ShapeDtypeStruct((taps, ci_pad, co_pad), jnp.float32),
-    compiler_params=pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+    compiler_params=_compiler_params(config),
     interpret=interpret,
   )(nbr, x, g)
   return dw[:, :c_in, :c_out]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _conv(x, w, nbr, nbr_t, opts):
-  return gather_gemm(nbr, x, w, **dict(opts))
-
-
-def _conv_fwd(x, w, nbr, nbr_t, opts):
-  return gather_gemm(nbr, x, w, **dict(opts)), (x, w, nbr, nbr_t)
-
-
-def _conv_bwd(opts, res, g):
+def _backward(config, interpret, precision, res, g):
   x, w, nbr, nbr_t = res
-  opts = dict(opts)
+  kw = {"interpret": interpret, "precision": precision}
   # Input i receives g[nbr_t[i, k]] @ w[k].T through tap k.
-  dx = gather_gemm(nbr_t, g.astype(x.dtype), jnp.swapaxes(w, 1, 2), **opts)
-  dw = weight_grad(nbr, x, g, **opts)
-  return dx, dw.astype(w.dtype), None, None
+  dx = gather_gemm(nbr_t, g.astype(x.dtype), jnp.swapaxes(w, 1, 2), config, **kw)
+  return dx, weight_grad(nbr, x, g, config, **kw)
 
 
-_conv.defvjp(_conv_fwd, _conv_bwd)
+_conv = flat_conv.custom_vjp_conv(gather_gemm, _backward)
 
 
 def conv_pallas_gpu(
-  feats,
-  weight,
-  rulebook,
-  *,
-  block_m=64,
-  block_n=64,
-  block_k=32,
-  num_warps=4,
-  num_stages=2,
-  interpret=None,
+  feats, weight, rulebook, config=PallasGpuConfig(), *, interpret=False, precision=None
 ):
   """Sparse convolution with the fused gather-GEMM Triton kernels.
 
   Args:
-    feats: [V, S_in, C_in]; weight: [K, C_in, C_out]; rulebook: tables.Rulebook.
-    block_m, block_n, block_k: tile sizes (rows, output, input channels; >= 16).
-    num_warps, num_stages: Triton launch parameters.
-    interpret: run the kernels in Pallas interpret mode; None = when the
-      default backend is not a GPU.
+    feats: [V, S_in, C_in]; weight: [K, C_in, C_out]; rulebook: rulebook.Rulebook.
+    config: PallasGpuConfig (tile sizes, launch parameters).
+    interpret: run the kernels in Pallas interpret mode (any backend; the api
+      refuses this kernel off a GPU unless it is asked for).
+    precision: of the in-kernel dots (None = the Triton lowering's default).
 
   Returns:
     [V, S_out, C_out].
   """
-  if interpret is None:
-    interpret = jax.default_backend() != "gpu"
-  v, s_in, c_in = feats.shape
-  s_out = rulebook.nbr.shape[1]
-  dtype = jnp.result_type(feats, weight)
-  nbr = pairs.flat_table(rulebook.nbr, s_in)
-  nbr_t = pairs.flat_table(rulebook.nbr_t, s_out)
-  opts = (
-    ("block_m", block_m),
-    ("block_n", block_n),
-    ("block_k", block_k),
-    ("num_warps", num_warps),
-    ("num_stages", num_stages),
-    ("interpret", bool(interpret)),
-  )
-  out = _conv(feats.reshape(v * s_in, c_in).astype(dtype), weight.astype(dtype), nbr, nbr_t, opts)
-  return out.reshape(v, s_out, weight.shape[-1])
+  return flat_conv.apply(_conv, feats, weight, rulebook, config, interpret, precision)

@@ -24,20 +24,34 @@ sum_o x[nbr[o, k]].T g[o] via XLA (gather + einsum, also deterministic).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
-from gigassl_jax.kernels.sparse_conv import gather, pairs
+from gigassl_jax.kernels.sparse_conv import flat_conv, gather
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasTpuConfig:
+  """block_m: output rows per program (a multiple of 8; 16 for bfloat16);
+  block_n: output channels per program (None = all; must divide C_out)."""
+
+  block_m: int = 128
+  block_n: int | None = None
+
+  def __post_init__(self):
+    if self.block_m < 8 or self.block_m % 8:
+      raise ValueError(f"block_m must be a multiple of 8, got {self.block_m}")
 
 
 def _round_up(n, m):
   return -(-n // m) * m
 
 
-def _kernel(nbr_smem, x_hbm, w_ref, o_ref, buf, sem, *, taps, zero_row):
+def _kernel(nbr_smem, x_hbm, w_ref, o_ref, buf, sem, *, taps, zero_row, precision):
   # nbr_smem: int32 [N_pad * K] (scalar prefetch); x_hbm: [N_in + 1, C_in] in HBM;
   # w_ref: [K, C_in, BN]; o_ref: [BM, BN]; buf: VMEM [K, BM, C_in]; sem: DMA [1].
   i = pl.program_id(0)
@@ -64,21 +78,23 @@ def _kernel(nbr_smem, x_hbm, w_ref, o_ref, buf, sem, *, taps, zero_row):
     jax.lax.fori_loop(0, bm, wait, 0)
   acc = jnp.zeros(o_ref.shape, jnp.float32)
   for k in range(taps):
-    acc += jnp.dot(buf[k], w_ref[k], preferred_element_type=jnp.float32)
+    acc += jnp.dot(buf[k], w_ref[k], precision=precision, preferred_element_type=jnp.float32)
   o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def gather_gemm(nbr, x, w, *, block_m=128, block_n=None, interpret=False):
+def gather_gemm(nbr, x, w, config=PallasTpuConfig(), *, interpret=False, precision=None):
   """out[o] = sum_k x[nbr[o, k]] @ w[k] with DMA row gathers.
 
   Args:
     nbr: int32 [N_out, K] flat input rows (-1 none); x: [N_in, C_in];
-    w: [K, C_in, C_out]; block_m rows per program; block_n output channels per
-    program (None = all).
+    w: [K, C_in, C_out]; config: block_m rows and block_n output channels per
+    program (None = all); interpret: Pallas interpret mode; precision: of the
+    MXU dots (Mosaic: HIGHEST = fp32 contraction).
 
   Returns:
     [N_out, C_out] in x's dtype.
   """
+  block_m, block_n = config.block_m, config.block_n
   n_out, taps = nbr.shape
   n_in, c_in = x.shape
   c_out = w.shape[2]
@@ -99,7 +115,7 @@ def gather_gemm(nbr, x, w, *, block_m=128, block_n=None, interpret=False):
     scratch_shapes=[pltpu.VMEM((taps, block_m, c_in), x.dtype), pltpu.SemaphoreType.DMA((1,))],
   )
   out = pl.pallas_call(
-    functools.partial(_kernel, taps=taps, zero_row=n_in),
+    functools.partial(_kernel, taps=taps, zero_row=n_in, precision=precision),
     grid_spec=grid_spec,
     out_shape=jax.ShapeDtypeStruct((n_pad, c_out), x.dtype),
     interpret=interpret,
@@ -107,48 +123,41 @@ def gather_gemm(nbr, x, w, *, block_m=128, block_n=None, interpret=False):
   return out[:n_out]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _conv(x, w, nbr, nbr_t, opts):
-  return gather_gemm(nbr, x, w, **dict(opts))
-
-
-def _conv_fwd(x, w, nbr, nbr_t, opts):
-  return gather_gemm(nbr, x, w, **dict(opts)), (x, w, nbr, nbr_t)
-
-
-def _conv_bwd(opts, res, g):
+def _backward(config, interpret, precision, res, g):
   x, w, nbr, nbr_t = res
-  opts = dict(opts)
-  opts["block_n"] = None  # dx has C_in columns
-  dx = gather_gemm(nbr_t, g.astype(x.dtype), jnp.swapaxes(w, 1, 2), **opts)
+  dx_config = dataclasses.replace(config, block_n=None)  # dx has C_in columns
+  dx = gather_gemm(
+    nbr_t,
+    g.astype(x.dtype),
+    jnp.swapaxes(w, 1, 2),
+    dx_config,
+    interpret=interpret,
+    precision=precision,
+  )
   # dw[k] = sum_o x[nbr[o, k]].T @ g[o]; gather_taps' rows are x[nbr[o, k]].
   xt = gather.gather_taps(x[None], nbr[None], jnp.full((1, x.shape[0], 1), -1, jnp.int32))[0]
-  dw = jnp.einsum("okc,od->kcd", xt, g.astype(x.dtype), preferred_element_type=jnp.float32)
-  return dx, dw.astype(w.dtype), None, None
+  dw = jnp.einsum(
+    "okc,od->kcd", xt, g.astype(x.dtype), precision=precision, preferred_element_type=jnp.float32
+  )
+  return dx, dw
 
 
-_conv.defvjp(_conv_fwd, _conv_bwd)
+_conv = flat_conv.custom_vjp_conv(gather_gemm, _backward)
 
 
-def conv_pallas_tpu(feats, weight, rulebook, *, block_m=128, block_n=None, interpret=None):
+def conv_pallas_tpu(
+  feats, weight, rulebook, config=PallasTpuConfig(), *, interpret=False, precision=None
+):
   """Sparse convolution with the DMA-gather Pallas TPU kernel.
 
   Args:
-    feats: [V, S_in, C_in]; weight: [K, C_in, C_out]; rulebook: tables.Rulebook.
-    block_m: output rows per program (a multiple of 8; 16 for bfloat16).
-    block_n: output channels per program (None = all; must divide C_out).
-    interpret: Pallas interpret mode; None = when the backend is not a TPU.
+    feats: [V, S_in, C_in]; weight: [K, C_in, C_out]; rulebook: rulebook.Rulebook.
+    config: PallasTpuConfig (block sizes).
+    interpret: Pallas interpret mode (any backend; the api refuses this kernel
+      off a TPU unless it is asked for).
+    precision: of the dots (None = Mosaic's default).
 
   Returns:
     [V, S_out, C_out].
   """
-  if interpret is None:
-    interpret = jax.default_backend() != "tpu"
-  v, s_in, c_in = feats.shape
-  s_out = rulebook.nbr.shape[1]
-  dtype = jnp.result_type(feats, weight)
-  nbr = pairs.flat_table(rulebook.nbr, s_in)
-  nbr_t = pairs.flat_table(rulebook.nbr_t, s_out)
-  opts = (("block_m", block_m), ("block_n", block_n), ("interpret", bool(interpret)))
-  out = _conv(feats.reshape(v * s_in, c_in).astype(dtype), weight.astype(dtype), nbr, nbr_t, opts)
-  return out.reshape(v, s_out, weight.shape[-1])
+  return flat_conv.apply(_conv, feats, weight, rulebook, config, interpret, precision)

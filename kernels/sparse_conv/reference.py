@@ -8,13 +8,14 @@ scatter-adds). Every other implementation is tested against it and against the
 import jax.numpy as jnp
 
 
-def conv_reference(feats, weight, rulebook):
+def conv_reference(feats, weight, rulebook, *, precision=None):
   """Sparse convolution, tap by tap.
 
   Args:
     feats: [V, S_in, C_in] input features (zero on padding rows).
     weight: [K, C_in, C_out], tap k = ksize * d0 + d1.
-    rulebook: tables.Rulebook with nbr [V, S_out, K].
+    rulebook: rulebook.Rulebook with nbr [V, S_out, K].
+    precision: of the matmuls (None = JAX's default).
 
   Returns:
     [V, S_out, C_out]; rows of inactive output sites are zero.
@@ -25,5 +26,5 @@ def conv_reference(feats, weight, rulebook):
     idx = nbr[:, :, k]
     rows = jnp.take_along_axis(feats, jnp.maximum(idx, 0)[..., None], axis=1)
     rows = jnp.where((idx >= 0)[..., None], rows, 0)
-    out = out + rows @ weight[k]
+    out = out + jnp.matmul(rows, weight[k], precision=precision)
   return out

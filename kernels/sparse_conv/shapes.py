@@ -12,18 +12,17 @@
   slide100k  the same with 100,000 sites.
   train256   `train` with 256 views (the batch of the issue's CPU anchors).
 
-`make(name, seed)` returns a `Shape` holding the input SparseMap (features
-drawn N(0, 1) on active rows) and the channel counts.
+`make(name, seed)` returns a `Shape` holding the raw input `Sites` (tile
+positions or grid cells, features drawn N(0, 1)) and the channel counts. Kernel-
+level numpy data only: the benchmark (bench.sparse_map) places the sites on a
+sparse map with gigassl_jax.sparse, as the model does.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-import jax
 import numpy as np
-
-from gigassl_jax.sparse import coord_augment, maps
 
 LEVEL0_PER_LEVEL1_TILE = 896  # a 224-px tile read at level 1 (downsample 4)
 CELL = 224
@@ -31,12 +30,30 @@ CELL = 224
 NAMES = ("train", "train256", "slide16k", "slide100k")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class Sites:
+  """Raw sites of a benchmark input, before they are placed on a sparse map.
+
+  xy: int32 [V, T, 2] level-0 (x, y) tile positions when `cell` is set (to be
+    augmented with `augment_seed`, then quantised with cell `cell`), else grid
+    cells (distinct per view).
+  feats: float32 [V, T, C].
+  cell: level-0 pixels per grid cell, or None (xy are grid cells).
+  augment_seed: seed of the coordinate augmentation's key, or None (none).
+  """
+
+  xy: np.ndarray
+  feats: np.ndarray
+  cell: int | None = None
+  augment_seed: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Shape:
-  """A named benchmark input: the sparse map and what to run on it."""
+  """A named benchmark input: its sites and what to run on them."""
 
   name: str
-  smap: maps.SparseMap  # feats [V, S, c_in] float32
+  sites: Sites  # feats [V, S, c_in] float32
   c_in: int
   c_out: int
   block: bool  # True: the whole pooling block; False: one submanifold 3x3 conv
@@ -64,11 +81,12 @@ def tissue_blob(rng: np.random.Generator, n: int) -> np.ndarray:
 
 def train_views(
   seed: int = 0, views: int = 512, tiles: int = 5, channels: int = 256, augment: bool = True
-) -> maps.SparseMap:
+) -> Sites:
   """A training batch: `views` views of `tiles` level-1 tiles, reference augmentation.
 
   Returns:
-    SparseMap with capacity `tiles`, feats [views, tiles, channels] float32.
+    Sites with level-0 positions [views, tiles, 2], cell CELL, feats
+    [views, tiles, channels] float32; augmented with key `seed` when `augment`.
   """
   rng = np.random.default_rng(seed)
   xy = np.zeros((views, tiles, 2), np.int64)
@@ -77,23 +95,20 @@ def train_views(
     cells = tissue_blob(rng, int(rng.integers(300, 4000)))
     pick = rng.integers(0, len(cells), tiles)
     xy[v] = cells[pick].astype(np.int64) * LEVEL0_PER_LEVEL1_TILE
-  xy = xy.astype(np.int32)
-  if augment:
-    xy = np.asarray(coord_augment.augment_views(jax.random.PRNGKey(seed), xy))
   feats = rng.standard_normal((views, tiles, channels)).astype(np.float32)
-  return maps.build_views(xy, feats, cell=CELL)
+  return Sites(xy.astype(np.int32), feats, cell=CELL, augment_seed=seed if augment else None)
 
 
-def slide_sites(seed: int = 0, sites: int = 16384, channels: int = 256) -> maps.SparseMap:
+def slide_sites(seed: int = 0, sites: int = 16384, channels: int = 256) -> Sites:
   """One slide: `sites` active grid cells of a tissue blob, one view.
 
   Returns:
-    SparseMap with V = 1, capacity `sites`, feats [1, sites, channels] float32.
+    Sites with grid cells [1, sites, 2] and feats [1, sites, channels] float32.
   """
   rng = np.random.default_rng(seed)
   cells = tissue_blob(rng, sites)
   feats = rng.standard_normal((1, sites, channels)).astype(np.float32)
-  return maps.from_grid(cells[None], feats)
+  return Sites(cells[None], feats)
 
 
 def make(name: str, seed: int = 0) -> Shape:
