@@ -37,12 +37,14 @@ NAMES = {
 # checkpoint, reps, embed_* / embed/, import_features); `data` is views' old name.
 LAYERS = {
   "kernels.sparse_conv.bench": TOOL,  # benchmark entry point: imports the model
+  "kernels.sparse_conv.reference_arm": TOOL,  # benchmark arm: runs the original torch code
   "kernels.*": KERNELS,
   "kernels": KERNELS,
   "sparse.*": SPARSE,
   "sparse": SPARSE,
   "models": MODEL,
   "losses": MODEL,
+  "retrieval": MODEL,
   "bank": STATE,
   "views": STATE,
   "data": STATE,
@@ -54,8 +56,11 @@ LAYERS = {
   "slides": STATE,
   "augment": STATE,
   "pth": STATE,
+  "pca": STATE,
+  "released": STATE,
   "machine": STATE,
-  "config": SUPPORT,
+  "config": STATE,  # the run's settings: checkpoint and the programs read them
+  "cli": STATE,  # flags generated from config dataclasses
   "encoders": SUPPORT,
   "encoder_peer": SUPPORT,
   "embed": PROGRAM,
@@ -74,7 +79,12 @@ LAYERS = {
 # Third-party roots a kernel may import (besides the standard library).
 KERNEL_LIBS = {"jax", "jaxlib", "numpy"}
 # Modules allowed to import torch / spconv: peers used by tests and benchmarks only.
-PEERS = {"kernels.sparse_conv.peer", "kernels.sparse_conv.bench", "encoder_peer"}
+PEERS = {
+  "kernels.sparse_conv.peer",
+  "kernels.sparse_conv.bench",
+  "kernels.sparse_conv.reference_arm",
+  "encoder_peer",
+}
 
 
 def layer_of(name: str):
