@@ -47,8 +47,7 @@ def build_model(
     table_builder=cfg.model_table_builder,
     bn_axis_name=bn_axis_name,
     rngs=nnx.Rngs(stream_key(cfg.train_seed if seed is None else seed, INIT_STREAM)),
-    # Only passed when set, so this runs on a models.GigaSSL without the keyword.
-    **({} if cfg.model_precision == "default" else {"precision": cfg.model_precision}),
+    precision=cfg.model_precision,
   )
   if cfg.model_init == "torchvision":
     from gigassl_jax import pth  # pylint: disable=g-import-not-at-top
