@@ -10,7 +10,8 @@ import torch
 from sklearn.decomposition import PCA
 
 from gigassl_jax import encode, pca, pth, released
-from gigassl_jax.sparse import conformance, maps
+from gigassl_jax import conformance
+from gigassl_jax.sparse import maps
 
 GOLDEN = pathlib.Path(__file__).parent / "fixtures" / "golden_scn"
 BASE = "net.mil_model.sparse_pooling.0."
