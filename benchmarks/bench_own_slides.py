@@ -1,0 +1,112 @@
+r"""Times the own-slides recipe (docs/quickstart-own-slides.md) stage by stage.
+
+    python benchmarks/bench_own_slides.py [--slides=4] [--n_aug=8] [--n_tiles=64]
+        [--steps=20] [--batch=4] [--out=FILE.json]
+
+Runs the real command lines a user runs (embed, train, encode) on copies of the
+bundled CC0 H&E slide (tests/fixtures/cmu_small_region.svs, a 2220 x 2967 region
+at 0.499 mpp), times each one, and prints per-slide and per-step costs with the
+extrapolation to 10 and 50 slides that the recipe quotes. Times include process
+start-up and compilation, which a user pays too; on a 2-core CPU shared with
+other jobs they are upper bounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SLIDE = REPO / "tests" / "fixtures" / "cmu_small_region.svs"
+
+
+def _run(cmd: list[str]) -> float:
+  t = time.perf_counter()
+  r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+  if r.returncode != 0:
+    raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
+  return time.perf_counter() - t
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--slides", type=int, default=4, help="copies of the CC0 slide")
+  p.add_argument("--n_aug", type=int, default=8)
+  p.add_argument("--n_tiles", type=int, default=64)
+  p.add_argument("--encoder", default="efficientnet_lite0")
+  p.add_argument("--steps", type=int, default=20, help="training steps (second run: +steps)")
+  p.add_argument("--batch", type=int, default=4)
+  p.add_argument("--n_views", type=int, default=20, help="encode ensemble size")
+  p.add_argument("--out", default="")
+  a = p.parse_args(argv)
+  py = sys.executable
+  with tempfile.TemporaryDirectory() as d:
+    d = pathlib.Path(d)
+    (d / "slides").mkdir()
+    for i in range(a.slides):
+      shutil.copy(SLIDE, d / "slides" / f"slide_{i:02d}.svs")
+    t_embed = _run([
+      py, "-m", "gigassl_jax.embed", f"--slides={d / 'slides'}", f"--bank={d / 'bank'}",
+      f"--encoder={a.encoder}", f"--n_aug={a.n_aug}", f"--n_tiles={a.n_tiles}", "--noprogress",
+    ])  # fmt: skip
+    train = [
+      py, "-m", "gigassl_jax.train", "--flagfile=experiments/small_cohort.flags",
+      f"--data_bank={d / 'bank'}", f"--train_batch_size={a.batch}", "--train_log_every=1",
+      "--notrain_progress", "--optim_warmup_epochs=0",
+    ]  # fmt: skip
+    # Two runs: the second adds `steps` steps to a resumed run, so its time minus
+    # the start-up (measured by the first) is the steady per-step cost.
+    t_train_short = _run(train + [f"--workdir={d / 'run_a'}", "--train_steps=1"])
+    t_train = _run(train + [f"--workdir={d / 'run_b'}", f"--train_steps={a.steps + 1}"])
+    per_step = max(t_train - t_train_short, 0.0) / a.steps
+    t_encode = _run([
+      py, "-m", "gigassl_jax.encode", f"--workdir={d / 'run_b'}", f"--bank={d / 'bank'}",
+      f"--out={d / 'reps.npz'}", f"--n_views={a.n_views}",
+    ])  # fmt: skip
+  from gigassl_jax.machine import cpu_name  # pylint: disable=import-outside-toplevel
+
+  per_slide_embed = t_embed / a.slides
+  rows = {
+    "embed_s_per_slide": per_slide_embed,
+    "train_startup_s": t_train_short,
+    "train_s_per_step": per_step,
+    "encode_s_total": t_encode,
+    "encode_s_per_slide": t_encode / a.slides,
+  }
+  print(
+    f"machine: {cpu_name()} ({os.cpu_count()} cores); {a.slides} copies of the CC0 slide; "
+    f"{a.encoder}, n_aug {a.n_aug} x n_tiles {a.n_tiles}; batch {a.batch}"
+  )
+  print("| stage | measured | 10 slides | 50 slides |")
+  print("|---|---|---|---|")
+  print(
+    f"| embed | {per_slide_embed:.1f} s/slide | {10 * per_slide_embed / 60:.1f} min "
+    f"| {50 * per_slide_embed / 60:.1f} min |"
+  )
+  print(f"| train | {t_train_short:.0f} s start + {per_step:.2f} s/step | - | - |")
+  print(
+    f"| encode ({a.n_views} views) | {t_encode / a.slides:.1f} s/slide (incl. start) "
+    f"| {10 * t_encode / a.slides / 60:.1f} min | {50 * t_encode / a.slides / 60:.1f} min |"
+  )
+  if a.out:
+    rec = {
+      "command": " ".join(["python"] + sys.argv),
+      "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+      "machine": f"{cpu_name()} ({os.cpu_count()} cores)",
+      "settings": vars(a),
+      **rows,
+    }
+    tmp = a.out + ".tmp"
+    pathlib.Path(tmp).write_text(json.dumps(rec, indent=2))
+    os.replace(tmp, a.out)
+
+
+if __name__ == "__main__":
+  main()
