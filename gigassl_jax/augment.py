@@ -1,4 +1,4 @@
-"""Shared tile augmentations (method.md section 2), jitted and batched.
+"""Shared tile augmentations (docs/method.md section 2), jitted and batched.
 
 One random draw is shared by every tile of a batch (Giga-SSL's "shared
 augmentation": a batch of tiles of one slide stands for one augmented view of the
@@ -35,7 +35,7 @@ _CROP_ATTEMPTS = 10  # torchvision RandomResizedCrop.get_params
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
-  """Augmentation hyper-parameters; defaults are method.md section 2."""
+  """Augmentation hyper-parameters; defaults are docs/method.md section 2."""
 
   out_size: int = 224
   crop_scale: tuple[float, float] = (0.5, 1.0)

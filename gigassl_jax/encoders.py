@@ -2,7 +2,7 @@
 
 Registry (`--encoder=`):
   resnet18            torchvision ResNet18 stem..layer3 + global mean pool -> 256
-                      (method.md section 2). Weights: a torchvision state_dict
+                      (docs/method.md section 2). Weights: a torchvision state_dict
                       or a MoCo checkpoint (`module.encoder_q.` keys inside
                       'state_dict'), read without torch (gigassl_jax.pth).
                       No weights: He random init and a loud warning.

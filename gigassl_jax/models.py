@@ -1,6 +1,6 @@
 """The Giga-SSL pooling network (sparse ResNet18 layer4 + global mean) and projector.
 
-method.md section 4. Parameter names follow the golden vectors' (b0_conv1, ...),
+docs/method.md section 4. Parameter names follow the golden vectors' (b0_conv1, ...),
 and `load_torchvision_layer4` maps a torchvision ResNet18 state_dict onto them.
 """
 

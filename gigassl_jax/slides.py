@@ -2,7 +2,7 @@
 
 Everything OpenSlide opens (Aperio .svs, Hamamatsu .ndpi, generic tiled TIFF,
 MIRAX, ...) goes through openslide-python with the library from the
-openslide-bin wheel. method.md section 1 is followed:
+openslide-bin wheel. docs/method.md section 1 is followed:
 
 * the read level is chosen from a target resolution in microns per pixel (mpp;
   10x is taken as 1.0 mpp), falling back to a level index when the slide has no
@@ -171,7 +171,7 @@ def choose_level(
 
 
 def tissue_mask_from_rgb(rgb: np.ndarray) -> np.ndarray:
-  """The method.md section 1 tissue mask of a low-resolution RGB image.
+  """The docs/method.md section 1 tissue mask of a low-resolution RGB image.
 
   Args:
     rgb: uint8 [H, W, 3].
