@@ -265,8 +265,10 @@ def _released_pool(path, reader, bank, meta, method, seed):
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
   from gigassl_jax import bank as bank_lib  # pylint: disable=import-outside-toplevel
-  from gigassl_jax import models  # pylint: disable=import-outside-toplevel
-  from gigassl_jax import released  # pylint: disable=import-outside-toplevel
+  from gigassl_jax import (
+    models,  # pylint: disable=import-outside-toplevel
+    released,  # pylint: disable=import-outside-toplevel
+  )
 
   try:
     rel = released.load(path)
