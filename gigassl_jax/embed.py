@@ -192,6 +192,16 @@ def check_compatible(bank: pathlib.Path, sids: list[str], cfg: EmbedConfig):
       )
 
 
+def _load_encoder(cfg: EmbedConfig):
+  """encoders.get_encoder for cfg; a file that is no checkpoint is a ValueError naming --weights."""
+  from gigassl_jax import encoders  # pylint: disable=import-outside-toplevel
+
+  try:
+    return encoders.get_encoder(cfg.encoder, cfg.weights, seed=cfg.seed)
+  except (pickle.UnpicklingError, zipfile.BadZipFile) as e:
+    raise ValueError(f"--weights: not a usable {cfg.encoder} checkpoint: {e}") from e
+
+
 def run(cfg: EmbedConfig) -> dict:
   """Embeds this process's share of the slides, then packs when nothing is pending.
 
@@ -201,8 +211,6 @@ def run(cfg: EmbedConfig) -> dict:
   """
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
 
-  from gigassl_jax import encoders  # pylint: disable=import-outside-toplevel
-
   # Every input is checked before the bank folder is made: a typo leaves nothing behind.
   if not cfg.slides or not cfg.slides.strip(" ,"):
     raise ValueError("--slides is empty: give a folder of slides, a list file or paths")
@@ -211,6 +219,9 @@ def run(cfg: EmbedConfig) -> dict:
     raise FileNotFoundError(f"--slides={cfg.slides}: no slide found")
   if cfg.weights and not os.path.isfile(cfg.weights):
     raise FileNotFoundError(f"--weights={cfg.weights}: no such file")
+  # A given weights file is read now (a bad one is refused before any folder is made);
+  # the bundled weights only when there is work to do.
+  encoder = _load_encoder(cfg) if cfg.weights else None
   bank = pathlib.Path(cfg.bank)
   if bank.exists() and not bank.is_dir():
     raise FileExistsError(f"--bank={cfg.bank} is a file, not a folder")
@@ -233,12 +244,7 @@ def run(cfg: EmbedConfig) -> dict:
         f"{len(skipped)} already done, {len(todo)} to embed", file=sys.stderr,
     )  # fmt: skip
   if todo:
-    try:
-      encoder = encoders.get_encoder(cfg.encoder, cfg.weights, seed=cfg.seed)
-    except (pickle.UnpicklingError, zipfile.BadZipFile) as e:
-      raise ValueError(
-        f"--weights={cfg.weights}: not a usable {cfg.encoder} checkpoint: {e}"
-      ) from e
+    encoder = encoder or _load_encoder(cfg)
     device = embed_device.TileEncoderDevice(
       encoder,
       encode_batch=cfg.encode_batch,
