@@ -582,4 +582,6 @@ def main(argv):
 
 if __name__ == "__main__":
   cli.define_flags(EvalConfig)
-  cli.run(main)
+  cli.run(
+    main, resume_hint="nothing was written (--out is written at the end); re-run the same command"
+  )
