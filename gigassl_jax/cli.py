@@ -278,12 +278,11 @@ def run(
     GENERIC_RESUME) and exits 130; success ends with "<prog>: done in X s".
   """
   argv = list(sys.argv if argv is None else argv)
-  prog = os.path.basename(argv[0])
-  if prog in ("__main__.py", "-c") or prog.endswith(".py"):
-    prog = prog.removesuffix(".py") if prog != "__main__.py" else "gigassl_jax"
+  # `python -m gigassl_jax.encode` has argv[0] = .../gigassl_jax/encode.py: "encode".
+  prog = os.path.basename(argv[0]).removesuffix(".py")
   try:
     argv = argv[:1] + expand_flagfiles(argv[1:])
-  except (FileNotFoundError, OSError) as e:
+  except (OSError, UnicodeDecodeError) as e:
     print(f"{prog}: error: {e}", file=sys.stderr)
     sys.exit(2)
   asked = [a for a in argv[1:] if a in _HELP_FLAGS]

@@ -328,7 +328,7 @@ def main(argv):
     if not fl.slides:
       raise ValueError("--slides is required (unless --pack_only)")
     result = run(cli.from_flags(EmbedConfig))
-  except (FileNotFoundError, FileExistsError, ValueError) as e:
+  except (OSError, ValueError) as e:  # missing or unwritable files too: one line, exit 2
     print(f"embed: error: {e}", file=sys.stderr)
     return 2
   return 1 if result["failed"] else 0

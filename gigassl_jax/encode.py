@@ -439,7 +439,7 @@ def main(argv):
       batch_slides=cfg.batch_slides,
       show_progress=cfg.progress,
     )
-  except (FileNotFoundError, ValueError) as e:
+  except (OSError, ValueError) as e:  # missing or unwritable files too: one line, exit 2
     print(f"encode: error: {e}", file=sys.stderr)
     return 2
   print(f"encode: {len(ids)} slides -> {reps.shape[1]}-d vectors in {cfg.out}", file=sys.stderr)

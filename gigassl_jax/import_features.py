@@ -434,6 +434,9 @@ def main(argv=None) -> int:
     except InputError as e:
       print(f"import_features: {e}", file=sys.stderr)
       return 2
+    except OSError as e:  # e.g. an unwritable --bank: one line, exit 2
+      print(f"import_features: {e}", file=sys.stderr)
+      return 2
 
   def resume_hint():
     n = len(bank_lib.finished_slides(cfg.bank))

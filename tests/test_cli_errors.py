@@ -132,6 +132,12 @@ def test_encode_evaluate_import_bad_inputs(tmp_path, small_bank):
     "--method=gigassl needs --workdir=RUN",
   )
   _one_line(_cli("encode", f"--bank={small_bank}"), "--out")  # a required flag
+  (tmp_path / "afile").write_text("x")
+  _one_line(
+    _cli("encode", f"--bank={small_bank}", f"--out={tmp_path / 'afile' / 'r.npz'}",
+         "--method=mean_tiles", "--noprogress"),
+    "encode: error:", "afile",
+  )  # fmt: skip
   _one_line(
     _cli("evaluate", f"--reps={tmp_path / 'r.npz'}", f"--labels={tmp_path / 'l.csv'}"),
     "evaluate: error:",
