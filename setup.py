@@ -13,12 +13,16 @@ setuptools.setup(
     setuptools.find_packages(include=["gigassl_jax", "gigassl_jax.*"])
     + ["gigassl_jax.kernels"]
     + ["gigassl_jax.kernels." + p for p in setuptools.find_packages(where="kernels")]
+    + ["gigassl_jax.experiments"]
   ),
   # kernels/ is installed as gigassl_jax.kernels, never as a top-level
   # `kernels` module (that name is taken on PyPI).
-  package_dir={"gigassl_jax.kernels": "kernels"},
+  # experiments/*.flags are installed as gigassl_jax/experiments (data only), so
+  # `--flagfile=gigassl:base` and `--flagfile=experiments/base.flags` work from
+  # any folder after a non-editable install (gigassl_jax.cli.expand_flagfiles).
+  package_dir={"gigassl_jax.kernels": "kernels", "gigassl_jax.experiments": "experiments"},
   include_package_data=True,
-  package_data={"gigassl_jax": ["data/*"]},
+  package_data={"gigassl_jax": ["data/*"], "gigassl_jax.experiments": ["*.flags"]},
   install_requires=[
     "jax>=0.10.2",
     "flax>=0.12",

@@ -21,8 +21,11 @@ no default is ever written twice.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import pathlib
 import sys
+import time
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -34,7 +37,7 @@ _HELP_FLAGS = ("--help", "-h", "-?", "--helpshort", "--helpfull")
 
 def field(
   default,
-  help: str,  # noqa: A002  (the flag's help text)
+  help: str,  # the flag's help text (shadows a builtin, by design)
   *,
   choices: Sequence[str] | None = None,
   required: bool = False,
@@ -82,6 +85,8 @@ def define_flags(cls, flag_values: flags.FlagValues = flags.FLAGS) -> None:
       continue
     meta = f.metadata
     help_text = meta.get("help", "")
+    if meta.get("required"):
+      help_text += " (required)"
     tp, _, length = _kind(hints[f.name])
     default = None if meta.get("required") or f.default is dataclasses.MISSING else f.default
     # Owned by the program being run, so absl's short --help lists them.
@@ -139,19 +144,158 @@ def from_flags(cls, base=None, flag_values: flags.FlagValues = flags.FLAGS):
   return cls(**kw)
 
 
-def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:
-  """absl.app.run(main), except that --help / -h / --helpfull print and exit 0.
+GENERIC_RESUME = "finished work is kept: re-run the same command to resume"
+PACKAGED_PREFIX = "gigassl:"
 
-  absl's own help flag exits with status 1 (asking for help is not an error),
-  and its flag errors too (bad input exits 2 here, as every error of these
-  programs does).
+
+def experiments_dir() -> pathlib.Path:
+  """The experiment flagfiles: installed as gigassl_jax/experiments, or the checkout's experiments/."""
+  here = pathlib.Path(__file__).resolve().parent
+  installed = here / "experiments"
+  return installed if installed.is_dir() else here.parent / "experiments"
+
+
+def _resolve_flagfile(name: str, containing: pathlib.Path | None) -> pathlib.Path:
+  """Where `--flagfile=name` points.
+
+  `gigassl:NAME` is the packaged flagfile NAME(.flags). Otherwise the path as
+  given (relative to the working folder, as absl reads it), then relative to
+  the flagfile that names it, and last, for `experiments/NAME.flags`, the
+  packaged copy: so `--flagfile=experiments/base.flags` (and the nested
+  reference in every experiment flagfile) works from any folder and after a
+  non-editable install.
+
+  Raises:
+    FileNotFoundError: naming the flagfile and where it was looked for.
   """
-  argv = sys.argv if argv is None else argv
+  if name.startswith(PACKAGED_PREFIX):
+    stem = name[len(PACKAGED_PREFIX) :]
+    path = experiments_dir() / (stem if stem.endswith(".flags") else stem + ".flags")
+    if path.is_file():
+      return path
+    have = sorted(p.stem for p in experiments_dir().glob("*.flags"))
+    raise FileNotFoundError(f"--flagfile={name}: no packaged flagfile {stem!r} (have: {have})")
+  tried = [pathlib.Path(name).expanduser()]
+  if containing is not None and not tried[0].is_absolute():
+    tried.append(containing.parent / name)
+  parts = pathlib.PurePath(name).parts
+  if len(parts) == 2 and parts[0] == "experiments":
+    tried.append(experiments_dir() / parts[1])
+  for path in tried:
+    if path.is_file():
+      return path
+  raise FileNotFoundError(
+    f"--flagfile={name}: no such file (looked for {', '.join(map(str, tried))})"
+  )
+
+
+def expand_flagfiles(args: Sequence[str], containing: pathlib.Path | None = None, depth=0):
+  """argv with every --flagfile=FILE replaced by the flags it holds (nested ones too).
+
+  Lines are read as absl reads them: blank lines and lines starting with # or
+  // are comments. Flags keep their order, so later ones override earlier.
+  """
+  if depth > 20:
+    raise FileNotFoundError(f"--flagfile nesting deeper than 20 in {containing} (a cycle?)")
+  out, it = [], iter(args)
+  for a in it:
+    name = None
+    if a.startswith(("--flagfile=", "-flagfile=")):
+      name = a.split("=", 1)[1]
+    elif a in ("--flagfile", "-flagfile"):
+      name = next(it, "")
+    if name is None:
+      out.append(a)
+      continue
+    path = _resolve_flagfile(name, containing)
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith(("#", "//"))]
+    out += expand_flagfiles(lines, path, depth + 1)
+  return out
+
+
+def quiet_logs(verbose: bool = False) -> None:
+  """Library INFO chatter off (jax's TPU probe, TFDS, orbax) unless `verbose`.
+
+  Our own progress goes to stderr by print/tqdm and is unaffected.
+  """
+  if verbose:
+    return
+  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  for name in ("jax", "orbax", "tensorflow_datasets", "absl"):
+    logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def supervise(
+  prog: str,
+  main: Callable[[], int | None],
+  resume_hint: str | Callable[[], str] | None = None,
+) -> int:
+  """Runs main(); Ctrl-C becomes one line and status 130; success prints the elapsed time.
+
+  Args:
+    prog: the program's name in messages.
+    main: the work; returns an exit status (None = 0).
+    resume_hint: what finished and how to resume, or a function giving it
+      (called after the interrupt); default GENERIC_RESUME.
+
+  Returns:
+    main's status, or 130 after Ctrl-C.
+  """
+  t0 = time.monotonic()
+  try:
+    rc = main() or 0
+  except KeyboardInterrupt:
+    hint = resume_hint() if callable(resume_hint) else resume_hint
+    print(
+      f"\n{prog}: interrupted after {time.monotonic() - t0:.0f} s; {hint or GENERIC_RESUME}",
+      file=sys.stderr,
+    )
+    return 130
+  if rc == 0:
+    print(f"{prog}: done in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+  return rc
+
+
+def run(
+  main: Callable[[list[str]], int | None],
+  argv: list[str] | None = None,
+  *,
+  resume_hint: str | Callable[[], str] | None = None,
+) -> None:
+  """absl.app.run(main) the way every program of the package runs.
+
+  - --help / -h / --helpfull print and exit 0 (absl exits 1), required flags
+    marked; a bad or missing flag is one line on stderr and exit 2.
+  - --flagfile=FILE is found from any folder (expand_flagfiles): as given,
+    beside the flagfile naming it, or packaged (`gigassl:NAME` or
+    `experiments/NAME.flags`).
+  - Library INFO logs (TPU probe, TFDS, orbax) stay off unless --verbosity
+    (-v) is given, e.g. -v 0 for INFO.
+  - Ctrl-C prints how long it ran and how to resume (`resume_hint`, default
+    GENERIC_RESUME) and exits 130; success ends with "<prog>: done in X s".
+  """
+  argv = list(sys.argv if argv is None else argv)
+  # `python -m gigassl_jax.encode` has argv[0] = .../gigassl_jax/encode.py: "encode".
+  prog = os.path.basename(argv[0]).removesuffix(".py")
+  try:
+    argv = argv[:1] + expand_flagfiles(argv[1:])
+  except (OSError, UnicodeDecodeError) as e:
+    print(f"{prog}: error: {e}", file=sys.stderr)
+    sys.exit(2)
   asked = [a for a in argv[1:] if a in _HELP_FLAGS]
   if asked:
     app.usage(shorthelp="--helpfull" not in asked, writeto_stdout=True)
     sys.exit(0)
-  app.run(main, argv=argv, flags_parser=_parse_or_exit_2)
+
+  def wrapped(args):
+    # --verbosity (-v) given explicitly asks for the library logs.
+    quiet_logs("verbosity" in flags.FLAGS and flags.FLAGS["verbosity"].present)
+    return supervise(prog, lambda: main(args), resume_hint)
+
+  app.run(wrapped, argv=argv, flags_parser=_parse_or_exit_2)
 
 
 def _parse_or_exit_2(argv: list[str]) -> list[str]:

@@ -26,22 +26,22 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import json
+import os
 import pathlib
+import pickle
 import sys
 import time
 import traceback
+import zipfile
 
 import numpy as np
-
 from absl import flags
 
 from gigassl_jax import bank as bank_lib
-from gigassl_jax import cli
-from gigassl_jax import embed_device, embed_manifest
+from gigassl_jax import cli, embed_device, embed_manifest
 from gigassl_jax import slides as slides_lib
 from gigassl_jax.embed_listing import default_shards, list_slides, shard, slide_id
 from gigassl_jax.embed_manifest import THUMB_DIR, manifest, write_manifest, write_status
-
 
 F = cli.field
 
@@ -52,7 +52,8 @@ class EmbedConfig:
 
   slides: str = F(
     dataclasses.MISSING,
-    "Directory of slides (recursive), list file (.txt, one path a line) or comma-separated paths.",
+    "Directory of slides (recursive), list file (.txt, one path a line) or comma-separated "
+    "paths. (required unless --pack_only)",
   )
   bank: str = F(dataclasses.MISSING, "Output bank directory.", required=True)
   n_aug: int = F(50, "Augmented batches per slide (Naug).")
@@ -191,6 +192,16 @@ def check_compatible(bank: pathlib.Path, sids: list[str], cfg: EmbedConfig):
       )
 
 
+def _load_encoder(cfg: EmbedConfig):
+  """encoders.get_encoder for cfg; a file that is no checkpoint is a ValueError naming --weights."""
+  from gigassl_jax import encoders  # pylint: disable=import-outside-toplevel
+
+  try:
+    return encoders.get_encoder(cfg.encoder, cfg.weights, seed=cfg.seed)
+  except (pickle.UnpicklingError, zipfile.BadZipFile) as e:
+    raise ValueError(f"--weights: not a usable {cfg.encoder} checkpoint: {e}") from e
+
+
 def run(cfg: EmbedConfig) -> dict:
   """Embeds this process's share of the slides, then packs when nothing is pending.
 
@@ -200,14 +211,25 @@ def run(cfg: EmbedConfig) -> dict:
   """
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
 
-  from gigassl_jax import encoders  # pylint: disable=import-outside-toplevel
-
-  bank = pathlib.Path(cfg.bank)
-  bank.mkdir(parents=True, exist_ok=True)
-  bank_lib.remove_stale_temps(bank)
+  # Every input is checked before the bank folder is made: a typo leaves nothing behind.
+  if not cfg.slides or not cfg.slides.strip(" ,"):
+    raise ValueError("--slides is empty: give a folder of slides, a list file or paths")
   all_paths = list_slides(cfg.slides)
   if not all_paths:
     raise FileNotFoundError(f"--slides={cfg.slides}: no slide found")
+  if cfg.weights and not os.path.isfile(cfg.weights):
+    raise FileNotFoundError(f"--weights={cfg.weights}: no such file")
+  # A given weights file is read now (a bad one is refused before any folder is made);
+  # the bundled weights only when there is work to do.
+  encoder = _load_encoder(cfg) if cfg.weights else None
+  bank = pathlib.Path(cfg.bank)
+  if bank.exists() and not bank.is_dir():
+    raise FileExistsError(f"--bank={cfg.bank} is a file, not a folder")
+  # Every finished slide, not only this listing's: new slides embedded with other
+  # settings would make a bank that cannot be packed.
+  check_compatible(bank, bank_lib.finished_slides(bank), cfg)
+  bank.mkdir(parents=True, exist_ok=True)
+  bank_lib.remove_stale_temps(bank)
   num_shards, shard_index = cfg.num_shards, cfg.shard_index
   if num_shards is None or shard_index is None:
     n, i = default_shards()
@@ -216,14 +238,13 @@ def run(cfg: EmbedConfig) -> dict:
   mine = shard(all_paths, num_shards, shard_index)
   todo = [p for p in mine if not bank_lib.is_finished(bank, slide_id(p))]
   skipped = [slide_id(p) for p in mine if p not in todo]
-  check_compatible(bank, skipped, cfg)
   done, failed = [], {}
   print(
         f"embed: {len(all_paths)} slides listed, shard {shard_index}/{num_shards}: {len(mine)}, "
         f"{len(skipped)} already done, {len(todo)} to embed", file=sys.stderr,
     )  # fmt: skip
   if todo:
-    encoder = encoders.get_encoder(cfg.encoder, cfg.weights, seed=cfg.seed)
+    encoder = encoder or _load_encoder(cfg)
     device = embed_device.TileEncoderDevice(
       encoder,
       encode_batch=cfg.encode_batch,
@@ -307,12 +328,22 @@ def main(argv):
     if not fl.slides:
       raise ValueError("--slides is required (unless --pack_only)")
     result = run(cli.from_flags(EmbedConfig))
-  except (FileNotFoundError, ValueError) as e:
+  except (OSError, ValueError) as e:  # missing or unwritable files too: one line, exit 2
     print(f"embed: error: {e}", file=sys.stderr)
     return 2
   return 1 if result["failed"] else 0
 
 
+def resume_hint() -> str:
+  """What Ctrl-C leaves: the finished slides of --bank, kept; a re-run embeds the rest."""
+  bank = flags.FLAGS.bank
+  n = len(bank_lib.finished_slides(bank)) if bank else 0
+  return (
+    f"{n} slides finished in {bank} (kept); re-run the same command to embed the rest "
+    "(finished slides are skipped)"
+  )
+
+
 if __name__ == "__main__":
   cli.define_flags(EmbedConfig)
-  cli.run(main)
+  cli.run(main, resume_hint=resume_hint)

@@ -2,6 +2,13 @@
 
     python -m gigassl_jax.encode --workdir=RUN --bank=DIR --out=reps.npz \
         [--method=gigassl] [--mode=ensemble] [--n_views=100] [--tiles=5] [--seed=0]
+    python -m gigassl_jax.encode --checkpoint=gigassl-scm-phikon.pth.tar --bank=DIR --out=reps.npz
+
+--checkpoint reads a published Giga-SSL pooling network (gigassl_jax.released)
+in place of a training run, in every mode. Its grid cell is the checkpoint's
+`downmap` (the bank's rule, bank.grid_cell_for, when it has none), and a
+warning is printed when the bank's patches sit a different number of cells
+apart than the model was trained with. With --workdir the run's cell is used.
 
 method.md section 6: the representation is the 512-d pooled vector BEFORE the
 projector, BatchNorm in eval mode (running statistics), averaged over an
@@ -32,7 +39,10 @@ FILE_ids.csv, written atomically; read them with gigassl_jax.reps.load_reps.
 from __future__ import annotations
 
 import dataclasses
+import os
+import pickle
 import sys
+import zipfile
 import zlib
 
 import numpy as np
@@ -48,7 +58,12 @@ F = cli.field
 class EncodeConfig:
   """The flags of `python -m gigassl_jax.encode` (and the defaults of `run`)."""
 
-  workdir: str | None = F(None, "Training run (config.json + checkpoints/).")
+  workdir: str | None = F(None, "Training run (config.json + checkpoints/); or --checkpoint.")
+  checkpoint: str | None = F(
+    None,
+    "A released Giga-SSL checkpoint (.pth/.pth.tar, read without torch) in place of "
+    "--workdir; its grid cell is its downmap.",
+  )
   bank: str = F("", "Packed embedding bank (gigassl_jax.embed).", required=True)
   out: str = F("", "Output .npz (an _ids.csv is written beside it).", required=True)
   method: str = F(
@@ -242,11 +257,59 @@ def random_pool(in_features: int, seed: int = 0, cfg=None):
   return models.GigaSSL(in_features, rngs=nnx.Rngs(seed)).pool
 
 
+def _released_pool(path, reader, bank, meta, method, seed):
+  """(pool, cell) of a released checkpoint; records them in `meta`, notes on stderr.
+
+  random_init gets a fresh network of the checkpoint's widths (seed `seed`).
+  """
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  from gigassl_jax import bank as bank_lib  # pylint: disable=import-outside-toplevel
+  from gigassl_jax import (
+    models,  # pylint: disable=import-outside-toplevel
+    released,  # pylint: disable=import-outside-toplevel
+  )
+
+  try:
+    rel = released.load(path)
+  except (pickle.UnpicklingError, zipfile.BadZipFile) as e:
+    # pth names the file in its messages; unsafe pickles are refused before anything runs.
+    msg = str(e) if str(path) in str(e) else f"{path}: {e}"
+    raise ValueError(f"--checkpoint: {msg}") from e
+  if rel.in_features != reader.feature_dim:
+    raise ValueError(
+      f"--checkpoint={path} takes {rel.in_features}-d tile features, the bank {bank} "
+      f"holds {reader.feature_dim}-d ones"
+    )
+  size = bank_lib.bank_patch_size_level0(reader)
+  if rel.downmap is not None:
+    cell, source = rel.downmap, "checkpoint"
+    print(
+      f"encode: grid cell {cell} level-0 px, from the checkpoint (its downmap)", file=sys.stderr
+    )
+  else:
+    cell, source = bank_lib.grid_cell_for(size), "bank"
+    print(
+      f"encode: the checkpoint has no downmap; grid cell {cell} level-0 px from the bank's "
+      f"patch size ({'unknown' if size is None else f'{size:g} level-0 px'})",
+      file=sys.stderr,
+    )
+  warning = bank_lib.spacing_warning(size, cell)
+  if warning is not None:
+    print(f"encode: warning: {warning}", file=sys.stderr)
+  meta.update(checkpoint=os.path.abspath(path), cell_source=source)
+  if method == "random_init":
+    meta["init_seed"] = seed
+    return models.PoolingNet(rel.in_features, rel.features, rngs=nnx.Rngs(seed)), cell
+  return rel.pool, cell
+
+
 def run(
   bank: str,
   out: str,
   *,
   workdir: str | None = _D.workdir,
+  checkpoint: str | None = _D.checkpoint,
   method: str = _D.method,
   mode: str = _D.mode,
   n_views: int = _D.n_views,
@@ -255,7 +318,15 @@ def run(
   batch_slides: int = _D.batch_slides,
   show_progress: bool = _D.progress,
 ):
-  """Encodes every slide of the bank; writes `out`; returns (ids, reps)."""
+  """Encodes every slide of the bank; writes `out`; returns (ids, reps).
+
+  Notes (where the grid cell comes from, spacing warnings) go to stderr.
+
+  Raises:
+    FileNotFoundError: the bank, run or checkpoint is missing.
+    ValueError: a bad request, a network trained on other features, or an
+      unsafe or unreadable checkpoint file.
+  """
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
 
   from gigassl_jax import bank as bank_lib  # pylint: disable=import-outside-toplevel
@@ -269,8 +340,14 @@ def run(
     raise ValueError(
       f"--n_views, --tiles and --batch_slides must be >= 1, got {n_views}, {tiles}, {batch_slides}"
     )
-  if method == "gigassl" and not workdir:
-    raise ValueError("--method=gigassl needs --workdir=RUN (a training run)")
+  if workdir and checkpoint:
+    raise ValueError("give --workdir (a training run) or --checkpoint (a released model), not both")
+  if method == "gigassl" and not (workdir or checkpoint):
+    raise ValueError(
+      "--method=gigassl needs --workdir=RUN (a training run) or --checkpoint=FILE (a released model)"
+    )
+  if checkpoint and not os.path.isfile(checkpoint):
+    raise FileNotFoundError(f"--checkpoint={checkpoint}: no such file")
   reader = bank_lib.open_bank(bank)
   meta = {
     "bank": str(bank),
@@ -281,7 +358,9 @@ def run(
   }
   cfg, cell = None, 224
   pool = None
-  if method == "gigassl":
+  if checkpoint and method != "mean_tiles":
+    pool, cell = _released_pool(checkpoint, reader, bank, meta, method, seed)
+  elif method == "gigassl":
     from gigassl_jax import checkpoint  # pylint: disable=import-outside-toplevel
 
     model, cfg = checkpoint.restore_model(workdir)
@@ -326,6 +405,8 @@ def run(
   else:
     reps = encode_all_tiles(pool, reader, cell=cell, progress=bar)
     meta.update(mode=mode, cell=cell)
+  if pool is not None:
+    meta.setdefault("cell_source", "run" if cfg is not None else "default")
   bar.close()
   bad = ~np.isfinite(reps).all(1)
   if bad.any():
@@ -349,6 +430,7 @@ def main(argv):
       cfg.bank,
       cfg.out,
       workdir=cfg.workdir,
+      checkpoint=cfg.checkpoint,
       method=cfg.method,
       mode=cfg.mode,
       n_views=cfg.n_views,
@@ -357,7 +439,7 @@ def main(argv):
       batch_slides=cfg.batch_slides,
       show_progress=cfg.progress,
     )
-  except (FileNotFoundError, ValueError) as e:
+  except (OSError, ValueError) as e:  # missing or unwritable files too: one line, exit 2
     print(f"encode: error: {e}", file=sys.stderr)
     return 2
   print(f"encode: {len(ids)} slides -> {reps.shape[1]}-d vectors in {cfg.out}", file=sys.stderr)
@@ -366,4 +448,6 @@ def main(argv):
 
 if __name__ == "__main__":
   cli.define_flags(EncodeConfig)
-  cli.run(main)
+  cli.run(
+    main, resume_hint="nothing was written (--out is written at the end); re-run the same command"
+  )

@@ -44,6 +44,7 @@ import sys
 
 import numpy as np
 
+from gigassl_jax import cli
 from gigassl_jax import reps as reps_lib
 from gigassl_jax import splits as splits_lib
 from gigassl_jax.reps import Reps, RepsError, load_reps, save_reps  # noqa: F401  (re-exported)
@@ -493,72 +494,70 @@ def run(
   return {"rows": rows, "records": records, "markdown": md, "files": files}
 
 
-def _define_flags():
-  from absl import flags  # pylint: disable=import-outside-toplevel
+F = cli.field
 
-  f = flags
-  f.DEFINE_list(
-    "reps",
-    None,
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """The flags of `python -m gigassl_jax.evaluate` (run's keyword defaults are the same)."""
+
+  reps: tuple[str, ...] = F(
+    (),
     "Representation files, comma separated, all evaluated on the same splits: .npz from "
     "gigassl_jax.encode, a .npy dict {slide_id: vector} (TCGA-gigassl_{encoder}.npy), or "
     "embeddings.npy with ids.npy beside it.",
+    required=True,
   )
-  f.DEFINE_string(
-    "labels", None, "CSV with columns ID,label and optionally a patient column (case_id)."
+  labels: str = F(
+    "", "CSV with columns ID,label and optionally a patient column (case_id).", required=True
   )
-  f.DEFINE_string(
-    "splits",
+  splits: str | None = F(
     None,
     "Folder of split_K.csv (train,test columns), or a task "
     "folder with one subfolder per subset. Default: stratified k-fold CV.",
   )
-  f.DEFINE_integer("folds", 5, "k of the stratified k-fold CV (without --splits).")
-  f.DEFINE_list("subsets", ["full"], "Training-set sizes for CV: full, 25p (or 25%), 100, 50.")
-  f.DEFINE_integer("seed", 0, "Seed of the CV folds and subsets.")
-  f.DEFINE_integer("repeats", 1, "Repetitions of the k-fold CV (seeds seed, seed + 1, ...).")
-  f.DEFINE_string("out", None, "Output folder: results.md/csv, per_split.csv, pca.png.")
-  f.DEFINE_string("workdir", None, "Training run folder; its metrics.jsonl gives loss.png.")
-  f.DEFINE_string(
-    "patient_column",
+  folds: int = F(5, "k of the stratified k-fold CV (without --splits).")
+  subsets: tuple[str, ...] = F(("full",), "Training-set sizes for CV: full, 25p (or 25%), 100, 50.")
+  seed: int = F(0, "Seed of the CV folds and subsets.")
+  repeats: int = F(1, "Repetitions of the k-fold CV (seeds seed, seed + 1, ...).")
+  out: str | None = F(None, "Output folder: results.md/csv, per_split.csv, pca.png.")
+  workdir: str | None = F(None, "Training run folder; its metrics.jsonl gives loss.png.")
+  patient_column: str = F(
     "case_id",
     "Labels column naming each slide's patient (used when present; 'none' ignores it). "
     "With it, k-fold CV groups by patient and fixed splits are checked for leaking patients.",
   )
-  f.DEFINE_enum(
-    "level",
+  level: str = F(
     "slide",
-    ["slide", "patient"],
     "slide: one vector and one AUC item per slide; patient: a patient's slide vectors "
     "averaged then L2-normalised, AUC over patients.",
+    choices=("slide", "patient"),
   )
-  f.DEFINE_enum(
-    "splits_fix",
+  splits_fix: str = F(
     "none",
-    ["none", "drop_leaking"],
     "drop_leaking: also evaluate each fixed split without the test slides of patients "
     "that sit on both sides, reported next to the as-given numbers.",
+    choices=("none", "drop_leaking"),
   )
-  f.DEFINE_bool(
-    "drop_missing",
+  drop_missing: bool = F(
     False,
     "Drop labelled slides without a representation (the reference's behaviour) instead of failing.",
   )
-  f.mark_flags_as_required(["reps", "labels"])
-  return f.FLAGS
 
 
 def main(argv):
-  del argv
-  fl = _FLAGS
+  if len(argv) > 1:
+    print(f"evaluate: error: unexpected arguments {argv[1:]}", file=sys.stderr)
+    return 2
+  fl = cli.from_flags(EvalConfig)
   try:
     res = run(
-      fl.reps,
+      list(fl.reps),
       fl.labels,
       fl.splits,
       fl.out,
       folds=fl.folds,
-      subsets=fl.subsets,
+      subsets=list(fl.subsets),
       seed=fl.seed,
       repeats=fl.repeats,
       workdir=fl.workdir,
@@ -581,10 +580,8 @@ def main(argv):
   return 0
 
 
-_FLAGS = None
-
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=import-outside-toplevel
-
-  _FLAGS = _define_flags()
-  app.run(main)
+  cli.define_flags(EvalConfig)
+  cli.run(
+    main, resume_hint="nothing was written (--out is written at the end); re-run the same command"
+  )

@@ -45,6 +45,7 @@ import time
 import numpy as np
 
 from gigassl_jax import bank as bank_lib
+from gigassl_jax import cli
 from gigassl_jax import pca as pca_lib
 
 FORMATS = ("auto", "trident", "clam")
@@ -339,23 +340,14 @@ def run(cfg) -> int:
   bar = tqdm(total=len(sources), initial=done0, desc="import", unit="slide", disable=not show,
              dynamic_ncols=True)  # fmt: skip
   t0 = time.time()
-  try:
-    for sid in todo:
-      try:
-        import_slide(bank, sid, sources[sid], cfg, pca, encoder)
-      except BadFile as e:
-        src = next((s for s in sources[sid] if s is not None), None)
-        failed[sid] = {"slide": sid, "file": str(src.path) if src else "", "reason": str(e)}
-      bar.update(1)
-  except KeyboardInterrupt:
-    bar.close()
-    n = len(bank_lib.finished_slides(bank))
-    print(
-      f"\ninterrupted: {n} of {len(sources)} slides finished in {bank}; rerun the same "
-      "command to resume (finished slides are kept)",
-      file=sys.stderr,
-    )
-    return 130
+  # Ctrl-C: cli.supervise says what finished (resume_hint); finished slides are kept.
+  for sid in todo:
+    try:
+      import_slide(bank, sid, sources[sid], cfg, pca, encoder)
+    except BadFile as e:
+      src = next((s for s in sources[sid] if s is not None), None)
+      failed[sid] = {"slide": sid, "file": str(src.path) if src else "", "reason": str(e)}
+    bar.update(1)
   bar.close()
   # Failures of the PCA pass name files; keep those of slides that did not import.
   ok = set(bank_lib.finished_slides(bank)) & set(sources)
@@ -392,9 +384,16 @@ def parse(argv):
     "--features",
     action="append",
     required=True,
-    help="folder(s) of h5 files, comma-separated or repeated; one per augmentation",
+    help="folder(s) of h5 files, comma-separated or repeated; one per augmentation (required)",
   )
-  p.add_argument("--bank", required=True, help="output bank directory")
+  p.add_argument("--bank", required=True, help="output bank directory (required)")
+  p.add_argument(
+    "-v",
+    "--verbosity",
+    type=int,
+    default=None,
+    help="show library log messages (e.g. -v 0 for INFO); quiet when not given",
+  )
   p.add_argument("--format", default="auto", choices=FORMATS)
   p.add_argument(
     "--patch_size_level0",
@@ -427,14 +426,26 @@ def parse(argv):
 
 def main(argv=None) -> int:
   cfg = parse(sys.argv[1:] if argv is None else argv)
-  try:
-    return run(cfg)
-  except InputError as e:
-    print(f"import_features: {e}", file=sys.stderr)
-    return 2
-  except KeyboardInterrupt:
-    print("\ninterrupted before any slide was imported; rerun to start", file=sys.stderr)
-    return 130
+  cli.quiet_logs(cfg.verbosity is not None)
+
+  def work():
+    try:
+      return run(cfg)
+    except InputError as e:
+      print(f"import_features: {e}", file=sys.stderr)
+      return 2
+    except OSError as e:  # e.g. an unwritable --bank: one line, exit 2
+      print(f"import_features: {e}", file=sys.stderr)
+      return 2
+
+  def resume_hint():
+    n = len(bank_lib.finished_slides(cfg.bank))
+    return (
+      f"{n} slides finished in {cfg.bank} (kept); re-run the same command to import "
+      "the rest (finished slides are skipped)"
+    )
+
+  return cli.supervise("import_features", work, resume_hint)
 
 
 if __name__ == "__main__":

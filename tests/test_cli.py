@@ -1,6 +1,7 @@
 """One config source: absl flags generated from a dataclass (gigassl_jax.cli), and --help."""
 
 import dataclasses
+import re
 import subprocess
 import sys
 
@@ -75,3 +76,49 @@ def test_a_bad_or_missing_flag_is_one_line_and_exit_2():
     )
     lines = [l for l in res.stderr.splitlines() if l.strip()]
     assert res.returncode == 2 and len(lines) == 1 and want in lines[0], res.stderr[-2000:]
+
+
+def test_flagfiles_nest_relative_to_their_file_and_from_the_package(tmp_path, monkeypatch):
+  """Nested --flagfile: as given, then beside the naming file, then packaged experiments/."""
+  monkeypatch.chdir(tmp_path)  # a folder with no experiments/ in it
+  sub = tmp_path / "mine"
+  sub.mkdir()
+  (sub / "inner.flags").write_text("# a comment\n\n--count=4\n// another\n--kind=b\n")
+  (sub / "outer.flags").write_text("--flagfile=experiments/base.flags\n--flagfile=inner.flags\n")
+  got = cli.expand_flagfiles(["--name=x", f"--flagfile={sub / 'outer.flags'}", "--count=5"])
+  base = [
+    ln.strip()
+    for ln in (cli.experiments_dir() / "base.flags").read_text().splitlines()
+    if ln.strip() and not ln.startswith("#")
+  ]
+  assert got == ["--name=x", *base, "--count=4", "--kind=b", "--count=5"]
+  assert cli.expand_flagfiles(["--flagfile=gigassl:base"]) == base
+  assert cli.expand_flagfiles(["--flagfile", "gigassl:base.flags"]) == base
+  with pytest.raises(FileNotFoundError, match="no packaged flagfile 'nosuch'"):
+    cli.expand_flagfiles(["--flagfile=gigassl:nosuch"])
+  with pytest.raises(FileNotFoundError, match="--flagfile=gone.flags: no such file"):
+    cli.expand_flagfiles(["--flagfile=gone.flags"])
+  (sub / "loop.flags").write_text("--flagfile=loop.flags\n")
+  with pytest.raises(FileNotFoundError, match="deeper than 20"):
+    cli.expand_flagfiles([f"--flagfile={sub / 'loop.flags'}"])
+
+
+def test_supervise_turns_ctrl_c_into_130_and_times_success(capsys):
+  def interrupted():
+    raise KeyboardInterrupt
+
+  assert cli.supervise("prog", interrupted) == 130
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("prog: interrupted after 0 s; ") and err.endswith(cli.GENERIC_RESUME), err
+  assert cli.supervise("prog", interrupted, lambda: "3 slides kept") == 130
+  assert capsys.readouterr().err.strip().endswith("; 3 slides kept")
+  assert cli.supervise("prog", lambda: None) == 0
+  assert re.fullmatch(r"prog: done in \d+\.\d s", capsys.readouterr().err.strip())
+  assert cli.supervise("prog", lambda: 1) == 1  # a failure prints no "done"
+  assert capsys.readouterr().err == ""
+
+
+def test_required_flags_are_marked_in_the_help():
+  fv = flags.FlagValues()
+  cli.define_flags(_Cfg, flag_values=fv)
+  assert fv["name"].help.endswith("(required)") and "required" not in fv["count"].help

@@ -1,6 +1,7 @@
 """Encoding: ensemble draws, eval-mode pooling, all-tiles maps, baselines, the run contract."""
 
 import json
+import pathlib
 
 import jax.numpy as jnp
 import numpy as np
@@ -192,3 +193,82 @@ def test_gigassl_method_uses_the_restored_run(bank, pool, tmp_path, monkeypatch)
   )
   with pytest.raises(ValueError, match=f"trained on {DIM + 1}-d"):
     encode.run(str(bank), str(tmp_path / "h.npz"), workdir=str(tmp_path), show_progress=False)
+
+
+def _encode_cli(*args, cwd=None):
+  """Runs `python -m gigassl_jax.encode ARGS` (the real command line)."""
+  import os
+  import subprocess
+  import sys
+
+  env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).parents[1]))
+  return subprocess.run(
+    [sys.executable, "-m", "gigassl_jax.encode", *args, "--noprogress"],
+    capture_output=True,
+    text=True,
+    cwd=cwd,
+    env=env,
+    timeout=300,
+  )
+
+
+@pytest.mark.parametrize("mode", ["all_tiles", "ensemble"])
+def test_cli_encodes_with_a_released_checkpoint(bank, pool, tmp_path, mode):
+  """--checkpoint FILE (released layout) encodes with its weights and its downmap as the cell."""
+  from gigassl_jax import released
+
+  ckpt = tmp_path / "gigassl-scm-test.pth.tar"
+  # downmap 448, not the default 224: the output only matches when the cell is the checkpoint's.
+  released.export(pool, ckpt, downmap=448)
+  out = tmp_path / "c.npz"
+  r = _encode_cli(
+    f"--checkpoint={ckpt}", f"--bank={bank}", f"--out={out}", f"--mode={mode}", "--n_views=4"
+  )
+  assert r.returncode == 0, r.stderr
+  assert "grid cell 448 level-0 px, from the checkpoint" in r.stderr, r.stderr
+  got = np.load(out)["reps"]
+  reader = bank_lib.open_bank(bank)
+  if mode == "all_tiles":
+    want = encode.encode_all_tiles(pool, reader, cell=448)
+    other = encode.encode_all_tiles(pool, reader, cell=224)
+  else:
+    want = encode.encode_ensemble(pool, reader, n_views=4, tiles=5, seed=0, cell=448)
+    other = encode.encode_ensemble(pool, reader, n_views=4, tiles=5, seed=0, cell=224)
+  # float32 through the same ops after a float32 round trip of the weights: only XLA's
+  # batch-shape-dependent reduction order differs (~1e-7 relative on unit vectors).
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  assert np.abs(got - other).max() > 1e-3, "the cell made no difference: the test cannot fail"
+  meta = json.loads(str(np.load(out)["meta"]))
+  assert meta["checkpoint"] == str(ckpt) and meta["cell"] == 448
+  assert meta["cell_source"] == "checkpoint" and meta["mode"] == mode
+
+
+def test_cli_refuses_wrong_width_and_unsafe_checkpoints(bank, pool, tmp_path):
+  import os
+
+  from gigassl_jax import released
+
+  wide = tmp_path / "wide.pth"
+  released.export(models.GigaSSL(DIM + 8, rngs=nnx.Rngs(0)).pool, wide, downmap=224)
+  evil = tmp_path / "evil.pth"
+  marker = tmp_path / "pwned"
+  evil.write_bytes(
+    b"\x80\x02cos\nmkdir\nq\x00X"
+    + len(str(marker)).to_bytes(4, "little")
+    + str(marker).encode()
+    + b"q\x01\x85q\x02Rq\x03."
+  )
+  junk = tmp_path / "junk.pth"
+  junk.write_bytes(b"not a checkpoint")
+  cases = {
+    wide: f"takes {DIM + 8}-d tile features",
+    evil: "mkdir",
+    junk: "junk.pth",
+    tmp_path / "absent.pth": "absent.pth: no such file",
+  }
+  for path, words in cases.items():
+    r = _encode_cli(f"--checkpoint={path}", f"--bank={bank}", f"--out={tmp_path / 'x.npz'}")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, (path, r.stderr)
+    assert len(lines) == 1 and words in lines[0] and "Traceback" not in r.stderr, (path, r.stderr)
+  assert not os.path.exists(marker)
