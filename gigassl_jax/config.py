@@ -162,7 +162,7 @@ class Config:
 
   @property
   def lr(self) -> float:
-    """Peak learning rate: base_lr x batch / 256 (method.md section 5)."""
+    """Peak learning rate: base_lr x batch / 256 (docs/method.md section 5)."""
     return self.optim_base_lr * self.train_batch_size / 256.0
 
   def replace(self, **kw) -> Config:

@@ -4,7 +4,7 @@ For every slide: choose the read level (target magnification / mpp), compute the
 tissue mask and the tile grid, draw Naug batches of Nt tissue tiles uniformly with
 replacement, apply ONE shared augmentation per batch, encode with the frozen tile
 encoder and store the float16 embeddings with the level-0 tile coordinates
-(method.md sections 1-2). Tile reads of batch k + 1 run in threads while batch k
+(docs/method.md sections 1-2). Tile reads of batch k + 1 run in threads while batch k
 is augmented and encoded.
 
 Reliability:

@@ -10,7 +10,7 @@ in place of a training run, in every mode. Its grid cell is the checkpoint's
 warning is printed when the bank's patches sit a different number of cells
 apart than the model was trained with. With --workdir the run's cell is used.
 
-method.md section 6: the representation is the 512-d pooled vector BEFORE the
+docs/method.md section 6: the representation is the 512-d pooled vector BEFORE the
 projector, BatchNorm in eval mode (running statistics), averaged over an
 ensemble of R views of T tiles, then L2-normalised.
 

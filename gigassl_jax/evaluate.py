@@ -4,7 +4,7 @@
         [--splits=DIR [--splits_fix=drop_leaking]] [--level=slide|patient] \
         [--patient_column=case_id] [--out=DIR] [--workdir=RUN]
 
-The protocol of method.md section 7 (the reference's linear_evaluation.py):
+The protocol of docs/method.md section 7 (the reference's linear_evaluation.py):
 logistic regression (L2, C = 10, class_weight balanced, no feature scaling,
 max_iter 1000), ROC-AUC (macro one-vs-rest for > 2 classes), mean +- std over
 splits. Splits are either the reference's fixed files (a folder of
