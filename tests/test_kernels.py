@@ -26,6 +26,8 @@ from gigassl_jax.sparse import maps, tables
 # Small blocks keep interpret mode fast (the grid is a loop there).
 CONFIGS = {
   "pallas_gpu": api.PallasGpuConfig(block_m=16, block_n=16, block_k=16),
+  # wgrad_split=2: two partial d/dw sums per tap, added outside the kernel.
+  "pallas_gpu_igemm": api.IgemmConfig(block_m=16, block_n=16, block_k=16, wgrad_split=2),
   "pallas_tpu": api.PallasTpuConfig(block_m=16),
   "pairs": api.PairsConfig(tile=8),
 }
@@ -173,6 +175,15 @@ class TestPallasGpuInterpret(TestPallasGpu):
   INTERPRET = True
 
 
+class TestPallasGpuIgemm(KernelTestBase):
+  IMPL = "pallas_gpu_igemm"
+  CHANNELS = (16, 24)  # C_out not a multiple of the 16-channel block: padded channels are cut
+
+
+class TestPallasGpuIgemmInterpret(TestPallasGpuIgemm):
+  INTERPRET = True
+
+
 class TestPallasTpu(KernelTestBase):
   IMPL = "pallas_tpu"
   CHANNELS = (16, 24)
@@ -261,7 +272,7 @@ def test_default_is_the_measured_fastest_supported(backend):
   assert api.resolve(None) == api.DEFAULT_BY_BACKEND[jax.default_backend()]
 
 
-@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
+@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_gpu_igemm", "pallas_tpu"])
 def test_pallas_off_its_backend_raises_unless_interpret(impl):
   """No silent fallback to interpret mode: off its backend a Pallas kernel needs interpret=True."""
   x, w, _, rb = _inputs("isolated", "subm", 16, 16, jnp.float32, 5)
