@@ -323,6 +323,24 @@ def test_lowering_for_accelerators(platform, impl, dtype):
     assert marker in text, f"no {platform} kernel in the lowered {fn}"
 
 
+@functools.lru_cache(maxsize=None)
+def bench_convs(name):
+  """[(label, rule book shapes, C_in, C_out)] of the convolutions run at a bench shape.
+
+  Shapes only (jax.eval_shape): no table is built, so slide100k costs nothing.
+  """
+  sh = shapes.make(name, seed=0)
+  smap = bench.sparse_map(sh.sites)
+  if not sh.block:  # one submanifold conv
+    return [("subm", jax.eval_shape(tables.submanifold_rulebook, smap), sh.c_in, sh.c_out)]
+  # The pooling block: the strided conv C_in -> C, then submanifold convs C -> C
+  # on its output sites.
+  rb_s = jax.eval_shape(tables.strided_rulebook, smap)
+  out = maps.SparseMap(coords=rb_s.out_coords, feats=None, mask=rb_s.out_mask)
+  rb_m = jax.eval_shape(tables.submanifold_rulebook, out)
+  return [("strided", rb_s, sh.c_in, sh.c_out), ("subm", rb_m, sh.c_out, sh.c_out)]
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("make", ["train", "slide"])
 def test_hash_and_sort_builders_agree(make, seed):

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from gigassl_jax.kernels.sparse_conv import api, bench, dense, shapes
 from gigassl_jax.kernels.sparse_conv import pallas_gpu_igemm as igemm
-from test_kernels import _inputs, _sds, _target
+from test_kernels import _inputs, _sds, _target, bench_convs
 
-from gigassl_jax.sparse import maps, tables
+from gigassl_jax.sparse import tables
 
 ON_GPU = jax.default_backend() == "gpu"
 INTERPRET = not ON_GPU
@@ -162,24 +162,9 @@ def test_no_silent_fallback():
     igemm.conv_pallas_gpu_igemm(x, w, rb, config={"block_m": 16}, interpret=True)
 
 
-@functools.lru_cache(maxsize=None)
-def _bench_convs(name):
-  """[(label, rule book shapes, C_in, C_out)] of the convolutions run at a bench shape."""
-  sh = shapes.make(name, seed=0)
-  smap = bench.sparse_map(sh.sites)
-  if not sh.block:  # one submanifold conv
-    return [("subm", jax.eval_shape(tables.submanifold_rulebook, smap), sh.c_in, sh.c_out)]
-  # The pooling block: the strided conv C_in -> C, then submanifold convs C -> C
-  # on its output sites.
-  rb_s = jax.eval_shape(tables.strided_rulebook, smap)
-  out = maps.SparseMap(coords=rb_s.out_coords, feats=None, mask=rb_s.out_mask)
-  rb_m = jax.eval_shape(tables.submanifold_rulebook, out)
-  return [("strided", rb_s, sh.c_in, sh.c_out), ("subm", rb_m, sh.c_out, sh.c_out)]
-
-
 def _lower_fwd_bwd(name, configs, dtypes):
   """Lowers forward and backward for cuda; asserts which Triton kernels each holds."""
-  for label, rb, c_in, c_out in _bench_convs(name):
+  for label, rb, c_in, c_out in bench_convs(name):
     for dtype, cfg in ((d, c) for d in dtypes for c in configs):
       x = jax.ShapeDtypeStruct(rb.in_mask.shape + (c_in,), dtype)
       w = jax.ShapeDtypeStruct((9, c_in, c_out), dtype)
