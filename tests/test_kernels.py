@@ -430,3 +430,40 @@ def test_window_sum_matches_oracle(kind, method, seed):
     1e-5,
     f"window_sum {method} d/dx seed={seed}",
   )
+
+
+def test_bench_prints_a_reference_ratio_only_from_a_measured_reference():
+  """No stored anchor: the "x reference" column exists only with a reference row of the run."""
+  rows = [
+    {"shape": "train256", "implementation": "pairs", "pass": "fwd_bwd", "median_ms": 400.0},
+    {"shape": "train256", "implementation": "spconv(threads=1)", "pass": "fwd_bwd"},
+  ]
+  rows[1].update(median_ms=500.0, threads=1)
+  for r in rows:
+    r.setdefault("threads", None)
+    r.update(device="cpu:x", gflop=10.0)
+  text = bench.table(rows)
+  assert "reference" not in text, text
+  ref = dict(rows[1], implementation="reference SCN abc + gigassl def", median_ms=1000.0, threads=2)
+  lines = bench.table(rows + [ref]).splitlines()
+  assert lines[0].endswith("x reference (>1 faster) |"), lines[0]
+  pairs_row = next(line for line in lines if "| pairs |" in line)
+  # 1000 ms (reference) / 400 ms (pairs) = 2.50; the thread column says XLA's threads.
+  assert pairs_row.endswith(" 2.50 |") and "(XLA)" in pairs_row, pairs_row
+  ref_row = next(line for line in lines if "reference SCN" in line)
+  assert "| 2 |" in ref_row and ref_row.endswith(" 1.00 |"), ref_row
+
+
+def test_bench_reference_batch_holds_the_jax_arms_tiles():
+  """The reference arm's batch: the same augmented level-0 positions the JAX arms quantise."""
+  sites = shapes.train_views(seed=3, views=4, tiles=5, channels=8)
+  batch = bench.reference_batch(sites)
+  assert batch["feats"].shape == (4, 2, 5, 8) and batch["xy"].shape == (4, 2, 5, 2)
+  np.testing.assert_array_equal(batch["feats"][:, 0], sites.feats)
+  np.testing.assert_array_equal(batch["xy"][:, 0], batch["xy"][:, 1])
+  # The positions the JAX arms quantise (sparse_map's augmentation, key = augment_seed).
+  from gigassl_jax.sparse import coord_augment
+
+  want = coord_augment.augment_views(jax.random.PRNGKey(sites.augment_seed), sites.xy)
+  np.testing.assert_array_equal(batch["xy"][:, 0], np.asarray(want), err_msg="seed=3")
+  assert np.any(batch["xy"][:, 0] != sites.xy), "seed=3: positions not augmented"
