@@ -1,7 +1,7 @@
 """`pallas_tpu`: gather-GEMM Pallas kernel for TPUs (Mosaic TPU lowering).
 
 Mosaic TPU has no in-kernel vector gather, so rows are gathered by DMA: each
-program receives only its own block of the flat neighbour table in SMEM (a
+program receives only its own [BM, K] block of the neighbour table in SMEM (a
 blocked SMEM input, pipelined by Pallas like any block), the features stay in
 HBM (`memory_space=ANY`), and the program issues one row DMA per (output row,
 tap) into a VMEM buffer, then multiplies the buffer tap by tap on the MXU.
