@@ -9,32 +9,38 @@
 #   5. the SparseConvNet golden vectors (conformance) with each GPU implementation;
 #   6. the host input pipeline (views/s per number of reading processes);
 #   7. the training program end to end (synthetic bank, batch 256, input pipeline
-#      included).
+#      included);
+#   8. igemm: the masked implicit-GEMM kernel `pallas_gpu_igemm`, tests compiled
+#      on the card, block tuning and benchmark vs `gather`
+#      (benchmarks/gpu_igemm_step.sh, its logs in OUTDIR/igemm/).
 # Usage, from the repository root:  [GPU_STEPS="kernels train_cli"] benchmarks/gpu_checks.sh OUTDIR
 # GPU_STEPS picks steps (default: all); each step's log and JSON land in OUTDIR;
 # a failing step does not stop the rest.
+#
+# Sizing: every step's limit, plus ~30 s of start-up (nvidia-smi, jax import),
+# fits one 10-minute call, so a lease of 10-minute calls runs any single step,
+# e.g. `GPU_STEPS=igemm benchmarks/gpu_checks.sh OUTDIR` (590 s, its four
+# sub-steps 560 s). All steps together take ~40 minutes: split them over calls
+# with GPU_STEPS, e.g. "tests gemm kernels", "train_bench input train_cli",
+# "conformance_gather conformance_pallas_gpu", "conformance_pairs", "igemm".
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu_checks.sh OUTDIR}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 
 steps=${GPU_STEPS:-tests gemm kernels train_bench conformance_gather conformance_pallas_gpu \
-  conformance_pairs input train_cli}
-step() {  # step NAME SECONDS COMMAND...
-  local name=$1 limit=$2
-  shift 2
-  case " $steps " in *" $name "*) ;; *) return 0 ;; esac
-  echo "=== $name (limit ${limit}s, $(date -u +%T))"
-  timeout "$limit" "$@" 2>&1 | tee "$out/$name.log"
-  echo "=== $name rc=${PIPESTATUS[0]} ($(date -u +%T))"
-}
+  conformance_pairs input train_cli igemm}
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_step.sh"  # step NAME SECONDS COMMAND...
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 python3 -c "import jax, jaxlib; print('jax', jax.__version__, jax.devices())"
 
-# The tests ask for their matmul precision explicitly (no global setting).
+# The tests ask for their matmul precision explicitly (no global setting). The
+# interpret-mode classes are left to the CPU suite: on the card the compiled
+# kernels are what is new, and interpret mode would eat the step's time.
 step tests "${GPU_TESTS_S:-300}" env JAX_PLATFORMS=cuda \
-  python3 -m pytest -q -p no:cacheprovider -k "not PallasTpu and not pallas_tpu and not over_devices" \
+  python3 -m pytest -q -p no:cacheprovider \
+  -k "not PallasTpu and not pallas_tpu and not over_devices and not Interpret" \
   tests/test_kernels.py tests/test_conformance.py tests/test_sparse_core.py
 
 step gemm 60 python3 - <<'EOF'
@@ -73,3 +79,6 @@ step train_cli "${GPU_CLI_S:-100}" python3 -m gigassl_jax.train \
   --data_synthetic_shape=1024,4,64,256 --train_steps=120 --train_log_every=20 \
   --train_ckpt_every=1000 --notrain_progress
 cp "$run/metrics.jsonl" "$out/train_cli_metrics.jsonl" 2>/dev/null
+
+# Its own sub-steps (IGEMM_STEPS; limits 120 + 150 + 150 + 140 s) stay inside this limit.
+step igemm "${GPU_IGEMM_S:-590}" benchmarks/gpu_igemm_step.sh "$out/igemm"

@@ -8,7 +8,8 @@
 #   3. igemm_tune_slide   the same at `slide16k` (also serves slide100k);
 #   4. igemm_bench        igemm (tuned configs) vs XLA `gather` at every bench
 #                         shape, both at default (TF32) precision: table + JSON.
-# Usage, from the repository root:  [GPU_STEPS="igemm_bench"] benchmarks/gpu_igemm_step.sh OUTDIR
+# Usage, from the repository root:  [IGEMM_STEPS="igemm_bench"] benchmarks/gpu_igemm_step.sh OUTDIR
+# (or as the `igemm` step of benchmarks/gpu_checks.sh, whose 590 s limit holds these).
 # Each step's log and JSON land in OUTDIR; a failing step does not stop the rest.
 # Compiled kernels are cached in OUTDIR/jax_cache, so the benchmark reuses the
 # tuning steps' compiles.
@@ -19,15 +20,9 @@ export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=cuda
 export JAX_COMPILATION_CACHE_DIR="$out/jax_cache" JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
 unset JAX_DEFAULT_MATMUL_PRECISION  # the benchmark compares both arms at the default
 
-steps=${GPU_STEPS:-igemm_tests igemm_tune_train igemm_tune_slide igemm_bench}
-step() {  # step NAME SECONDS COMMAND...
-  local name=$1 limit=$2
-  shift 2
-  case " $steps " in *" $name "*) ;; *) return 0 ;; esac
-  echo "=== $name (limit ${limit}s, $(date -u +%T))"
-  timeout "$limit" "$@" 2>&1 | tee "$out/$name.log"
-  echo "=== $name rc=${PIPESTATUS[0]} ($(date -u +%T))"
-}
+# IGEMM_STEPS, not GPU_STEPS: gpu_checks.sh runs this script as its step "igemm".
+steps=${IGEMM_STEPS:-igemm_tests igemm_tune_train igemm_tune_slide igemm_bench}
+source "$(dirname "${BASH_SOURCE[0]}")/gpu_step.sh"  # step NAME SECONDS COMMAND...
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 python3 -c "import jax, jaxlib; print('jax', jax.__version__, jax.devices())"

@@ -26,6 +26,8 @@ from gigassl_jax.sparse import maps, tables
 # Small blocks keep interpret mode fast (the grid is a loop there).
 CONFIGS = {
   "pallas_gpu": api.PallasGpuConfig(block_m=16, block_n=16, block_k=16),
+  # wgrad_split=2: two partial d/dw sums per tap, added outside the kernel.
+  "pallas_gpu_igemm": api.IgemmConfig(block_m=16, block_n=16, block_k=16, wgrad_split=2),
   "pallas_tpu": api.PallasTpuConfig(block_m=16),
   "pairs": api.PairsConfig(tile=8),
 }
@@ -173,6 +175,15 @@ class TestPallasGpuInterpret(TestPallasGpu):
   INTERPRET = True
 
 
+class TestPallasGpuIgemm(KernelTestBase):
+  IMPL = "pallas_gpu_igemm"
+  CHANNELS = (16, 24)  # C_out not a multiple of the 16-channel block: padded channels are cut
+
+
+class TestPallasGpuIgemmInterpret(TestPallasGpuIgemm):
+  INTERPRET = True
+
+
 class TestPallasTpu(KernelTestBase):
   IMPL = "pallas_tpu"
   CHANNELS = (16, 24)
@@ -261,7 +272,7 @@ def test_default_is_the_measured_fastest_supported(backend):
   assert api.resolve(None) == api.DEFAULT_BY_BACKEND[jax.default_backend()]
 
 
-@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_tpu"])
+@pytest.mark.parametrize("impl", ["pallas_gpu", "pallas_gpu_igemm", "pallas_tpu"])
 def test_pallas_off_its_backend_raises_unless_interpret(impl):
   """No silent fallback to interpret mode: off its backend a Pallas kernel needs interpret=True."""
   x, w, _, rb = _inputs("isolated", "subm", 16, 16, jnp.float32, 5)
@@ -310,6 +321,24 @@ def test_lowering_for_accelerators(platform, impl, dtype):
     with _target(platform):
       text = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
     assert marker in text, f"no {platform} kernel in the lowered {fn}"
+
+
+@functools.lru_cache(maxsize=None)
+def bench_convs(name):
+  """[(label, rule book shapes, C_in, C_out)] of the convolutions run at a bench shape.
+
+  Shapes only (jax.eval_shape): no table is built, so slide100k costs nothing.
+  """
+  sh = shapes.make(name, seed=0)
+  smap = bench.sparse_map(sh.sites)
+  if not sh.block:  # one submanifold conv
+    return [("subm", jax.eval_shape(tables.submanifold_rulebook, smap), sh.c_in, sh.c_out)]
+  # The pooling block: the strided conv C_in -> C, then submanifold convs C -> C
+  # on its output sites.
+  rb_s = jax.eval_shape(tables.strided_rulebook, smap)
+  out = maps.SparseMap(coords=rb_s.out_coords, feats=None, mask=rb_s.out_mask)
+  rb_m = jax.eval_shape(tables.submanifold_rulebook, out)
+  return [("strided", rb_s, sh.c_in, sh.c_out), ("subm", rb_m, sh.c_out, sh.c_out)]
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -401,3 +430,40 @@ def test_window_sum_matches_oracle(kind, method, seed):
     1e-5,
     f"window_sum {method} d/dx seed={seed}",
   )
+
+
+def test_bench_prints_a_reference_ratio_only_from_a_measured_reference():
+  """No stored anchor: the "x reference" column exists only with a reference row of the run."""
+  rows = [
+    {"shape": "train256", "implementation": "pairs", "pass": "fwd_bwd", "median_ms": 400.0},
+    {"shape": "train256", "implementation": "spconv(threads=1)", "pass": "fwd_bwd"},
+  ]
+  rows[1].update(median_ms=500.0, threads=1)
+  for r in rows:
+    r.setdefault("threads", None)
+    r.update(device="cpu:x", gflop=10.0)
+  text = bench.table(rows)
+  assert "reference" not in text, text
+  ref = dict(rows[1], implementation="reference SCN abc + gigassl def", median_ms=1000.0, threads=2)
+  lines = bench.table(rows + [ref]).splitlines()
+  assert lines[0].endswith("x reference (>1 faster) |"), lines[0]
+  pairs_row = next(line for line in lines if "| pairs |" in line)
+  # 1000 ms (reference) / 400 ms (pairs) = 2.50; the thread column says XLA's threads.
+  assert pairs_row.endswith(" 2.50 |") and "(XLA)" in pairs_row, pairs_row
+  ref_row = next(line for line in lines if "reference SCN" in line)
+  assert "| 2 |" in ref_row and ref_row.endswith(" 1.00 |"), ref_row
+
+
+def test_bench_reference_batch_holds_the_jax_arms_tiles():
+  """The reference arm's batch: the same augmented level-0 positions the JAX arms quantise."""
+  sites = shapes.train_views(seed=3, views=4, tiles=5, channels=8)
+  batch = bench.reference_batch(sites)
+  assert batch["feats"].shape == (4, 2, 5, 8) and batch["xy"].shape == (4, 2, 5, 2)
+  np.testing.assert_array_equal(batch["feats"][:, 0], sites.feats)
+  np.testing.assert_array_equal(batch["xy"][:, 0], batch["xy"][:, 1])
+  # The positions the JAX arms quantise (sparse_map's augmentation, key = augment_seed).
+  from gigassl_jax.sparse import coord_augment
+
+  want = coord_augment.augment_views(jax.random.PRNGKey(sites.augment_seed), sites.xy)
+  np.testing.assert_array_equal(batch["xy"][:, 0], np.asarray(want), err_msg="seed=3")
+  assert np.any(batch["xy"][:, 0] != sites.xy), "seed=3: positions not augmented"

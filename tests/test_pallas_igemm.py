@@ -14,11 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from gigassl_jax.kernels.sparse_conv import dense, shapes
+from gigassl_jax.kernels.sparse_conv import api, bench, dense, shapes
 from gigassl_jax.kernels.sparse_conv import pallas_gpu_igemm as igemm
-from test_kernels import _inputs, _sds, _target
+from test_kernels import _inputs, _sds, _target, bench_convs
 
-from gigassl_jax.sparse import maps, tables
+from gigassl_jax.sparse import tables
 
 ON_GPU = jax.default_backend() == "gpu"
 INTERPRET = not ON_GPU
@@ -111,7 +111,7 @@ def test_matches_dense_oracle(dtype, kind, poison, seed):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_plan_groups_rows_by_tap_set(seed):
   """The plan: a permutation; each block lists exactly its rows' taps; per-tap block lists."""
-  smap = shapes.slide_sites(seed=seed, sites=300, channels=1)
+  smap = bench.sparse_map(shapes.slide_sites(seed=seed, sites=300, channels=1))
   nbr = np.asarray(tables.submanifold_rulebook(smap).nbr)[0]
   bm = 16
   p = jax.tree.map(np.asarray, igemm.plan(jnp.asarray(nbr), bm))
@@ -146,34 +146,25 @@ def test_config_and_tuning_grid():
 
 
 def test_no_silent_fallback():
-  """Off a GPU, compiled mode raises (naming interpret=True) instead of running elsewhere."""
+  """Off a GPU, compiled mode raises (naming interpret=True) instead of running elsewhere.
+
+  Called directly or through the api, the same ValueError as every Pallas kernel.
+  """
   x, w, _, rb = _inputs("mixed", "subm", 4, 4, jnp.float32, 5)
   if ON_GPU:
     assert igemm.conv_pallas_gpu_igemm(x, w, rb).shape == rb.out_mask.shape + (4,)
   else:
-    with pytest.raises(RuntimeError, match="interpret=True"):
+    with pytest.raises(ValueError, match="interpret=True"):
       igemm.conv_pallas_gpu_igemm(x, w, rb)
+    with pytest.raises(ValueError, match="interpret=True"):
+      api.sparse_conv(x, w, rb, implementation="pallas_gpu_igemm")
   with pytest.raises(TypeError, match="IgemmConfig"):
     igemm.conv_pallas_gpu_igemm(x, w, rb, config={"block_m": 16}, interpret=True)
 
 
-@functools.lru_cache(maxsize=None)
-def _bench_convs(name):
-  """[(label, rule book shapes, C_in, C_out)] of the convolutions run at a bench shape."""
-  sh = shapes.make(name, seed=0)
-  if not sh.block:  # one submanifold conv
-    return [("subm", jax.eval_shape(tables.submanifold_rulebook, sh.smap), sh.c_in, sh.c_out)]
-  # The pooling block: the strided conv C_in -> C, then submanifold convs C -> C
-  # on its output sites.
-  rb_s = jax.eval_shape(tables.strided_rulebook, sh.smap)
-  out = maps.SparseMap(coords=rb_s.out_coords, feats=None, mask=rb_s.out_mask)
-  rb_m = jax.eval_shape(tables.submanifold_rulebook, out)
-  return [("strided", rb_s, sh.c_in, sh.c_out), ("subm", rb_m, sh.c_out, sh.c_out)]
-
-
 def _lower_fwd_bwd(name, configs, dtypes):
   """Lowers forward and backward for cuda; asserts which Triton kernels each holds."""
-  for label, rb, c_in, c_out in _bench_convs(name):
+  for label, rb, c_in, c_out in bench_convs(name):
     for dtype, cfg in ((d, c) for d in dtypes for c in configs):
       x = jax.ShapeDtypeStruct(rb.in_mask.shape + (c_in,), dtype)
       w = jax.ShapeDtypeStruct((9, c_in, c_out), dtype)

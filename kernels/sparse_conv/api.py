@@ -6,7 +6,8 @@
 
 Implementations (docs/kernels.md): `dense` (oracle), `reference` (per tap,
 plain jnp), `gather` (XLA gather + einsum), `pairs` (only real pairs, tiled by
-tap), `pallas_gpu` (Triton gather-GEMM), `pallas_tpu` (DMA row gathers). Each
+tap), `pallas_gpu` (Triton gather-GEMM), `pallas_gpu_igemm` (Triton masked
+implicit GEMM: per row block only its valid taps), `pallas_tpu` (DMA row gathers). Each
 declares the backends it runs on; `implementation=None` picks the one measured
 fastest on the current backend (`DEFAULT_BY_BACKEND`, from bench.py results).
 A Pallas kernel asked for on another backend raises, unless `interpret=True`
@@ -29,17 +30,28 @@ from collections.abc import Callable
 from typing import Literal, get_args
 
 import jax
-from gigassl_jax.kernels.sparse_conv import dense, gather, pairs, pallas_gpu, pallas_tpu, reference
+from gigassl_jax.kernels.sparse_conv import (
+  dense,
+  gather,
+  pairs,
+  pallas_gpu,
+  pallas_gpu_igemm,
+  pallas_tpu,
+  reference,
+)
 from gigassl_jax.kernels.sparse_conv.dense import DenseConfig
 from gigassl_jax.kernels.sparse_conv.pairs import PairsConfig
 from gigassl_jax.kernels.sparse_conv.pallas_gpu import PallasGpuConfig
+from gigassl_jax.kernels.sparse_conv.pallas_gpu_igemm import IgemmConfig
 from gigassl_jax.kernels.sparse_conv.pallas_tpu import PallasTpuConfig
 from gigassl_jax.kernels.sparse_conv.rulebook import Rulebook
 
-Implementation = Literal["dense", "reference", "gather", "pairs", "pallas_gpu", "pallas_tpu"]
+Implementation = Literal[
+  "dense", "reference", "gather", "pairs", "pallas_gpu", "pallas_gpu_igemm", "pallas_tpu"
+]
 WindowSumImplementation = Literal["tiles", "gather"]
 Backend = Literal["cpu", "gpu", "tpu"]
-Config = DenseConfig | PairsConfig | PallasGpuConfig | PallasTpuConfig
+Config = DenseConfig | PairsConfig | PallasGpuConfig | IgemmConfig | PallasTpuConfig
 
 ALL_BACKENDS: frozenset[str] = frozenset(get_args(Backend))
 
@@ -65,6 +77,9 @@ IMPLEMENTATIONS: dict[str, Spec] = {
   "gather": Spec(gather.conv_gather, ALL_BACKENDS),
   "pairs": Spec(pairs.conv_pairs, ALL_BACKENDS, PairsConfig),
   "pallas_gpu": Spec(pallas_gpu.conv_pallas_gpu, frozenset({"gpu"}), PallasGpuConfig, True),
+  "pallas_gpu_igemm": Spec(
+    pallas_gpu_igemm.conv_pallas_gpu_igemm, frozenset({"gpu"}), IgemmConfig, True
+  ),
   "pallas_tpu": Spec(pallas_tpu.conv_pallas_tpu, frozenset({"tpu"}), PallasTpuConfig, True),
 }
 assert set(IMPLEMENTATIONS) == set(get_args(Implementation))
@@ -75,6 +90,9 @@ assert set(pairs.WINDOW_SUM_METHODS) == set(get_args(WindowSumImplementation))
 # GPU: measured on an H200 (experiments/results/gpu_h200.md): `gather` is the
 # fastest at every shape (2.8-8x spconv; `pallas_gpu` 0.85-2.1x, `pairs`
 # 0.1-1.2x, its sequential tile loop being launch-bound on a GPU).
+# `pallas_gpu_igemm` (masked implicit GEMM) has not run on a GPU yet: it stays
+# selectable by name, and `gather` stays the GPU default until
+# benchmarks/gpu_checks.sh (its igemm step) measures it faster.
 # TPU: no measurement yet, so the plain-XLA `gather` (deterministic backward,
 # known to compile everywhere); `pallas_tpu` is selectable by name.
 DEFAULT_BY_BACKEND: dict[str, Implementation] = {"cpu": "pairs", "gpu": "gather", "tpu": "gather"}
@@ -225,6 +243,7 @@ __all__ = [
   "WINDOW_SUM_DEFAULT_BY_BACKEND",
   "Backend",
   "DenseConfig",
+  "IgemmConfig",
   "Implementation",
   "PairsConfig",
   "PallasGpuConfig",

@@ -1,7 +1,8 @@
 r"""Benchmark of the sparse-convolution implementations, the table builders and spconv.
 
     python -m gigassl_jax.kernels.sparse_conv.bench --out=FILE.json \
-        [--shapes=train,slide16k,slide100k] [--impls=pairs,gather,...] [--repeats=5]
+        [--shapes=train,slide16k,slide100k] [--impls=pairs,gather,...] [--repeats=5] \
+        [--reference_scn=DIR --reference_gigassl=DIR [--reference_threads=2]]
 
 Per named shape (kernels/sparse_conv/shapes.py):
   train*     the whole pooling network (strided conv + BN/ReLU + submanifold convs
@@ -19,11 +20,20 @@ at 1 and 2 torch threads on the
 same inputs (for slides its index pairs are built before timing, as ours), the
 table builders (sort, hash), and `gemm`: one dense GEMM doing the same useful
 FLOPs (real pairs only), XLA's dense rate on this device.
+With --reference_scn and --reference_gigassl (checkouts of SparseConvNet, built
+in place, and trislaz/gigassl; reference_arm.py says how to get them), train
+shapes also time the original code's pooling block (`sparse_pooling` + its
+global average, forward + backward; reference_arm.run_child, part="block") on
+the same augmented tile positions and features, in a child process with
+--reference_threads torch threads, after the JAX arms of that shape; the table
+then gets an "x reference" column. Without them no ratio to the reference is
+printed: a ratio comes only from a reference measured in the same run.
 Median of --repeats timed rounds after one warm-up (compile) run; within a
 round the arms run in turn, so a shared machine's drifting load hits all alike.
 
-The JSON is a list of records {shape, implementation, pass, median_ms, device,
-gflop, threads}; the printed table gives each row's GFLOP/s on real pairs, its
+The JSON holds {command, date, machine, threads, records}: a list of records
+{shape, implementation, pass, median_ms, device, gflop, threads} (the reference
+row's name holds the two checkouts' commits, and it adds its raw seconds); the printed table gives each row's GFLOP/s on real pairs, its
 speed relative to the fastest spconv row (>1 = faster than spconv) and its time
 relative to the same-FLOP GEMM (1 = at the compute limit).
 """
@@ -35,13 +45,14 @@ import functools
 import json
 import os
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from gigassl_jax.kernels.sparse_conv import api, pairs, shapes
+from gigassl_jax.kernels.sparse_conv import api, pairs, reference_arm, shapes
 
 from gigassl_jax import models
 from gigassl_jax.sparse import coord_augment, maps, tables
@@ -94,10 +105,14 @@ def sparse_map(sites: shapes.Sites) -> maps.SparseMap:
   """
   if sites.cell is None:
     return maps.from_grid(sites.xy, sites.feats)
-  xy = sites.xy
-  if sites.augment_seed is not None:
-    xy = np.asarray(coord_augment.augment_views(jax.random.PRNGKey(sites.augment_seed), xy))
-  return maps.build_views(xy, sites.feats, cell=sites.cell)
+  return maps.build_views(_augmented_xy(sites), sites.feats, cell=sites.cell)
+
+
+def _augmented_xy(sites: shapes.Sites) -> np.ndarray:
+  """Level-0 positions after the coordinate augmentation (key sites.augment_seed), if any."""
+  if sites.augment_seed is None:
+    return sites.xy
+  return np.asarray(coord_augment.augment_views(jax.random.PRNGKey(sites.augment_seed), sites.xy))
 
 
 # ------------------------------------------------------------------- FLOPs --
@@ -279,8 +294,43 @@ def _spconv(shape, smap, passes, threads, device="cpu"):
 # -------------------------------------------------------------------- main --
 
 
-def _shape_records(name, impls, repeats, tiles, spconv_threads, spconv_device="cpu"):
-  """Records of every arm on one named shape."""
+def reference_batch(sites: shapes.Sites) -> dict:
+  """A train shape's tiles as the reference arm's batch: feats [V, 2, T, C], xy [V, 2, T, 2].
+
+  The positions are the JAX arms' augmented level-0 positions (sparse_map's),
+  so both place the same tiles on the same grid (the reference divides by its
+  downmap, 224 = shapes.CELL). Part "block" reads view 0; view 1 is a copy.
+  """
+
+  def two(a):
+    return np.repeat(np.asarray(a)[:, None], 2, axis=1)
+
+  return {"feats": two(sites.feats), "xy": two(_augmented_xy(sites))}
+
+
+def _reference_record(name, shape, reference, repeats):
+  """The original code's pooling block (fwd+bwd) on `shape`, timed in a child process."""
+  scn, gig, threads = reference
+  print(f"  reference arm ({threads} torch threads, child process)", flush=True)
+  time.sleep(5)  # XLA's worker threads spin for a while after the JAX arms
+  ref = reference_arm.run_child(scn, gig, reference_batch(shape.sites), "block", threads, repeats)
+  sec = statistics.median(ref["seconds"])
+  label = f"reference SCN {ref['scn_commit']} + gigassl {ref['gigassl_commit']}"
+  print(f"  {name:9s} {label:22s} fwd_bwd  {1e3 * sec:10.1f} ms", flush=True)
+  return {
+    "implementation": label,
+    "pass": "fwd_bwd",
+    "median_ms": 1e3 * sec,
+    "device": f"cpu:{_cpu_name()} (torch)",
+    "threads": threads,
+    "raw_seconds": ref["seconds"],
+  }
+
+
+def _shape_records(
+  name, impls, repeats, tiles, spconv_threads, spconv_device="cpu", reference=None
+):
+  """Records of every arm on one named shape (reference: (scn, gigassl, threads) or None)."""
   dev, cpu = _device(), _cpu_name()
   print(f"shape {name}: building inputs and compiling", flush=True)
   shape = shapes.make(name)
@@ -359,6 +409,9 @@ def _shape_records(name, impls, repeats, tiles, spconv_threads, spconv_device="c
       }
     )
     print(f"  {name:9s} {label:22s} {p:8s} {1e3 * sec:10.1f} ms", flush=True)
+  if reference and shape.block:
+    rec = _reference_record(name, shape, reference, repeats)
+    records.append({"shape": name, **rec, "gflop": flops["fwd_bwd"] / 1e9})
   return records
 
 
@@ -368,22 +421,32 @@ def _torch_gpu_name():
   return f"cuda:{torch.cuda.get_device_name()}"
 
 
-def run(names, impls, repeats, tiles, spconv_threads, spconv_device="cpu"):
+def run(names, impls, repeats, tiles, spconv_threads, spconv_device="cpu", reference=None):
   """All records for the named shapes."""
   records = []
   for name in names:
-    records += _shape_records(name, impls, repeats, tiles, spconv_threads, spconv_device)
+    records += _shape_records(name, impls, repeats, tiles, spconv_threads, spconv_device, reference)
   return records
 
 
+def _is_reference(r):
+  return r["implementation"].startswith("reference SCN")
+
+
 def table(records) -> str:
-  """Markdown table: per shape and pass, rows sorted by time."""
+  """Markdown table: per shape and pass, rows sorted by time.
+
+  "x reference" (>1 = faster than the original code) appears only when a
+  reference record of the same shape and pass was measured in this run.
+  """
+  with_ref = any(_is_reference(r) for r in records)
   lines = [
     (
-      "| shape | pass | implementation | median ms | GFLOP/s (real pairs) "
+      "| shape | pass | implementation | threads | median ms | GFLOP/s (real pairs) "
       "| x spconv (>1 faster) | / same-FLOP GEMM |"
+      + (" x reference (>1 faster) |" if with_ref else "")
     ),
-    "|---|---|---|---:|---:|---:|---:|",
+    "|---|---|---|---:|---:|---:|---:|---:|" + ("---:|" if with_ref else ""),
   ]
   keys = sorted(
     {(r["shape"], r["pass"]) for r in records},
@@ -395,13 +458,25 @@ def table(records) -> str:
     )
     sp = [r["median_ms"] for r in rows if r["implementation"].startswith("spconv")]
     gm = [r["median_ms"] for r in rows if r["implementation"] == "gemm"]
+    ref = [r["median_ms"] for r in rows if _is_reference(r)]
     for r in rows:
       ms = r["median_ms"]
       gf = f"{r['gflop'] / (ms / 1e3):.1f}" if r["gflop"] else ""
       xs = f"{min(sp) / ms:.2f}" if sp and r["gflop"] else ""
       xg = f"{ms / gm[0]:.2f}" if gm and r["gflop"] else ""
-      lines.append(f"| {shape} | {p} | {r['implementation']} | {ms:.1f} | {gf} | {xs} | {xg} |")
+      th = _threads(r)
+      line = f"| {shape} | {p} | {r['implementation']} | {th} | {ms:.1f} | {gf} | {xs} | {xg} |"
+      if with_ref:
+        line += f" {ref[0] / ms:.2f} |" if ref and r["gflop"] else " |"
+      lines.append(line)
   return "\n".join(lines)
+
+
+def _threads(r):
+  """Thread count of a record: torch's for spconv and the reference, XLA's host threads else."""
+  if r.get("threads") is not None:
+    return str(r["threads"])
+  return f"{os.cpu_count()} (XLA)" if r["device"].startswith("cpu") else "-"
 
 
 def main(argv=None):
@@ -418,7 +493,15 @@ def main(argv=None):
     help="auto: cuda when JAX runs on a GPU (the peer on the same card)",
   )
   ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--reference_scn", default="", help="SparseConvNet checkout built in place")
+  ap.add_argument("--reference_gigassl", default="", help="trislaz/gigassl checkout")
+  ap.add_argument("--reference_threads", type=int, default=2, help="torch threads (reference)")
   a = ap.parse_args(argv)
+  if bool(a.reference_scn) != bool(a.reference_gigassl):
+    ap.error("--reference_scn and --reference_gigassl go together")
+  reference = (
+    (a.reference_scn, a.reference_gigassl, a.reference_threads) if a.reference_scn else None
+  )
   names = [s for s in a.shapes.split(",") if s]
   for n in names:
     if n not in shapes.NAMES:
@@ -429,15 +512,27 @@ def main(argv=None):
       ap.error(f"unknown implementation {i!r}; valid: {sorted(api.IMPLEMENTATIONS)}")
   tiles = [int(t) for t in a.pairs_tiles.split(",") if t]
   threads = [int(t) for t in a.spconv_threads.split(",") if t]
-  print(
-    f"device {_device()} ({_cpu_name()}, {os.cpu_count()} cpus), jax {jax.__version__}", flush=True
+  machine = f"{_device()} ({_cpu_name()}, {os.cpu_count()} cpus), jax {jax.__version__}"
+  thread_note = (
+    f"XLA {os.cpu_count()} host threads, spconv {a.spconv_threads} torch thread(s), "
+    f"reference {a.reference_threads if reference else '-'} torch thread(s)"
   )
+  print(f"device {machine}; threads: {thread_note}", flush=True)
   sp_dev = a.spconv_device
   if sp_dev == "auto":
     sp_dev = "cuda" if jax.default_backend() == "gpu" else "cpu"
-  records = run(names, impls, a.repeats, tiles, threads, sp_dev)
-  with open(a.out, "w") as f:
-    json.dump(records, f, indent=1)
+  records = run(names, impls, a.repeats, tiles, threads, sp_dev, reference)
+  result = {
+    "command": " ".join(["python -m gigassl_jax.kernels.sparse_conv.bench"] + sys.argv[1:]),
+    "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    "machine": machine,
+    "threads": thread_note,
+    "records": records,
+  }
+  tmp = a.out + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(result, f, indent=1)
+  os.replace(tmp, a.out)  # atomic: a killed run leaves no half-written file
   print(table(records))
 
 

@@ -379,15 +379,21 @@ def _resolve_precision(precision):
   return jax.lax.Precision.DEFAULT
 
 
-def conv_pallas_gpu_igemm(feats, weight, rulebook, *, config=None, interpret=False, precision=None):
+def conv_pallas_gpu_igemm(
+  feats, weight, rulebook, config=DEFAULT_CONFIG, *, interpret=False, precision=None
+):
   """Sparse convolution with the masked implicit-GEMM Triton kernels.
+
+  The api's `sparse_conv(..., implementation="pallas_gpu_igemm")` calls this with
+  its config, interpret and canonical precision, as for every Pallas kernel.
 
   Args:
     feats: [V, S_in, C_in]; weight: [K, C_in, C_out]; rulebook: a Rulebook
       (fields nbr [V, S_out, K], nbr_t [V, S_in, K]).
     config: IgemmConfig (None = DEFAULT_CONFIG).
     interpret: run the kernels in Pallas interpret mode (any backend). Without
-      it a backend other than a GPU raises: no silent fallback.
+      it a backend other than a GPU raises ValueError, as the api does for
+      every Pallas kernel off its backend: no silent fallback.
     precision: jax.lax.Precision of the float32 dots: DEFAULT = TF32 tensor
       cores (XLA's default on the same card), HIGHEST = IEEE float32. None
       follows jax.default_matmul_precision (unset = DEFAULT).
@@ -397,9 +403,9 @@ def conv_pallas_gpu_igemm(feats, weight, rulebook, *, config=None, interpret=Fal
     inactive output sites are zero.
   """
   if not interpret and not _on_gpu():
-    raise RuntimeError(
-      f"pallas_gpu_igemm compiles for NVIDIA GPUs only; the default backend is "
-      f"{jax.default_backend()!r}: pass interpret=True to run it in Pallas interpret mode"
+    raise ValueError(
+      f"sparse-conv implementation 'pallas_gpu_igemm' runs on ['gpu'], not on this "
+      f"{jax.default_backend()!r} backend; pass interpret=True to run it in Pallas interpret mode"
     )
   cfg = DEFAULT_CONFIG if config is None else config
   if not isinstance(cfg, IgemmConfig):
