@@ -57,15 +57,16 @@ SIBLING = {"train256": "train", "slide100k": "slide16k"}
 def _convs(name):
   """[(label, rulebook, feats [V, S, C_in], C_out)] of a bench shape (seed 0)."""
   sh = shapes.make(name, seed=0)
+  smap = kbench.sparse_map(sh.sites)
   if not sh.block:
-    return [("subm", tables.submanifold_rulebook(sh.smap), sh.smap.feats, sh.c_out)]
-  rb_s = tables.strided_rulebook(sh.smap)
+    return [("subm", tables.submanifold_rulebook(smap), smap.feats, sh.c_out)]
+  rb_s = tables.strided_rulebook(smap)
   out = maps.SparseMap(coords=rb_s.out_coords, feats=None, mask=rb_s.out_mask)
   rb_m = tables.submanifold_rulebook(out)
   rng = np.random.default_rng(1)
   h = rng.standard_normal(rb_s.out_mask.shape + (sh.c_out,)).astype(np.float32)
   h = jnp.asarray(h * np.asarray(rb_s.out_mask)[..., None])
-  return [("strided", rb_s, sh.smap.feats, sh.c_out), ("subm", rb_m, h, sh.c_out)]
+  return [("strided", rb_s, smap.feats, sh.c_out), ("subm", rb_m, h, sh.c_out)]
 
 
 def _arm(conv, x, w, rb, passes):

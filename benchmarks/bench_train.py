@@ -45,7 +45,6 @@ from gigassl_jax import config as config_lib
 from gigassl_jax import train
 from gigassl_jax.machine import cpu_name
 
-BACKEND_ONLY = {"pallas_gpu": "gpu", "pallas_tpu": "tpu"}
 SKIP = {"dense", "reference"}
 
 
@@ -219,9 +218,7 @@ def main(argv):
   impls = (
     list(a.impls)
     if a.impls
-    else [
-      n for n in api.IMPLEMENTATIONS if n not in SKIP and BACKEND_ONLY.get(n, backend) == backend
-    ]
+    else [n for n in api.IMPLEMENTATIONS if n not in SKIP and api.supported(n, backend)]
   )
   batch = raw_batch(0, a.batch, a.tiles, a.channels)
   arms = {}
