@@ -91,7 +91,7 @@ def test_render_rejects_unknown_class():
 
 def test_quick_demo_end_to_end(tmp_path):
   """All five stages at tiny size; the folder holds what the demo promises."""
-  res = demo.run(demo.DemoConfig.quick(out=str(tmp_path / "demo"), progress=False))
+  res = demo.run(demo.DemoConfig.quick_sizes(out=str(tmp_path / "demo"), progress=False))
   out = tmp_path / "demo"
   assert res["out"] == out
   for name in (
