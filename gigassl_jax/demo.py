@@ -168,6 +168,7 @@ def run(cfg: DemoConfig) -> dict:
   if cfg.batch > 2 * cfg.n_per_class:
     raise ValueError(f"batch {cfg.batch} exceeds the cohort's {2 * cfg.n_per_class} slides")
   st = _Stages(5)
+  started = _now()
 
   # --- 1. cohort -------------------------------------------------------------
   st.begin("cohort", f"{2 * cfg.n_per_class} slides from bundled real H&E, synthetic labels")
@@ -315,9 +316,19 @@ def run(cfg: DemoConfig) -> dict:
   print("\nReading:\n" + "\n".join(f"- {l}" for l in reading))
   stages = ", ".join(f"{k} {v:.0f} s" for k, v in st.times.items())
   print(f"\ndemo: done in {total:.0f} s ({stages})")
+  write_run_record(
+    out,
+    started=started,
+    elapsed=total,
+    times=st.times,
+    identity=identity,
+    training=fit,
+    heldout=heldout,
+    reading=reading,
+  )
   print(
-    f"demo: everything is in {out}  (README.md, results.md, cohort.png, thumbnails/, "
-    "pca.png, loss.png)"
+    f"demo: everything is in {out}  (README.md, run.json, results.md, cohort.png, "
+    "thumbnails/, pca.png, loss.png)"
   )
   return {
     "table": ev["markdown"],
@@ -624,6 +635,32 @@ def write_thumbnails(slides_dir, bank, out_dir, min_side: int = 512) -> list:
     os.replace(tmp, path)
     written.append(path)
   return written
+
+
+def _now() -> str:
+  import datetime  # pylint: disable=import-outside-toplevel
+
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_run_record(out, *, started: str, elapsed: float, command=None, **numbers) -> pathlib.Path:
+  """out/run.json: command, start date, machine, elapsed seconds and the run's numbers."""
+  import json  # pylint: disable=import-outside-toplevel
+
+  from gigassl_jax import machine  # pylint: disable=import-outside-toplevel
+
+  rec = {
+    "command": command or " ".join(["python -m gigassl_jax.demo", *sys.argv[1:]]),
+    "date": started,
+    "machine": f"{machine.cpu_name()}, {os.cpu_count()} CPUs",
+    "elapsed_s": round(elapsed, 1),
+    **numbers,
+  }
+  path = pathlib.Path(out) / "run.json"
+  tmp = path.with_name(f".run.json.tmp-{os.getpid()}")
+  tmp.write_text(json.dumps(rec, indent=1) + "\n")
+  os.replace(tmp, path)
+  return path
 
 
 def _views(cfg: DemoConfig, tiles: int) -> int:
