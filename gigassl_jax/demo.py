@@ -40,7 +40,7 @@ from absl import flags
 
 from gigassl_jax import cli
 
-# Sizes of the default demo and of --quick (tests, a first look in ~1 minute).
+# Sizes of the default demo and of --quick (tests, a plumbing check in a few minutes).
 FULL = dict(
   n_per_class=16,
   grid=10,
@@ -101,7 +101,7 @@ class DemoConfig:
   quick: bool = F(
     False,
     "Tiny sizes (a preset; flags given with it override its sizes): a plumbing check of "
-    "~1 minute whose table is not a result.",
+    "a few minutes whose table is not a result.",
   )
 
   @classmethod
