@@ -346,11 +346,12 @@ def write_pyramid(
   return path
 
 
-def make_cohort(cfg: CohortConfig, progress: bool = True) -> pathlib.Path:
-  """Writes slides/<id>.svs, labels.csv (ID,label,tumour_fraction) and cohort.png.
+def make_cohort(cfg: CohortConfig, progress: bool = True, sheet=None) -> pathlib.Path:
+  """Writes slides/<id>.svs, labels.csv (ID,label,tumour_fraction) and the contact sheet.
 
   Slide ids alternate classes (demo_000 stroma_rich, demo_001 tumour_rich, ...).
   Slides already present are kept (the demo is resumable); returns labels.csv.
+  The contact sheet goes to `sheet` (default: <out>/cohort.png).
   """
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
 
@@ -378,7 +379,7 @@ def make_cohort(cfg: CohortConfig, progress: bool = True) -> pathlib.Path:
     w.writeheader()
     w.writerows(rows)
   os.replace(tmp, labels)
-  contact_sheet(thumbs, out / "cohort.png")
+  contact_sheet(thumbs, out / "cohort.png" if sheet is None else sheet)
   return labels
 
 

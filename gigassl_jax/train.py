@@ -11,8 +11,9 @@ continues from its last checkpoint and reaches the same parameters as an
 uninterrupted run (the view sampling is a pure function of the step).
 
 Workdir: config.json + flags.txt (resolved flags), checkpoints/ (orbax),
-metrics.jsonl (step, loss, lr, views_per_s, collapse, grad_norm), tb/
-(TensorBoard), loss_curve.png.
+metrics.jsonl (step, loss, lr, views_per_s, collapse, grad_norm, top1 = the
+batch view retrieval, and the chance levels of the loss and of top1), tb/
+(TensorBoard), loss_curve.png (loss with its chance line, lr, retrieval).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from gigassl_jax import checkpoint as ckpt_lib
 from gigassl_jax import cli
 from gigassl_jax import config as config_lib
 from gigassl_jax import views as views_lib
-from gigassl_jax import losses, sampling, synthetic
+from gigassl_jax import losses, retrieval, sampling, synthetic
 from gigassl_jax.sparse import coord_augment
 
 AXIS = "data"
@@ -96,9 +97,23 @@ def step_views(cfg: config_lib.Config, step, batch) -> list:
   ]
 
 
-def _grads_body(graphdef, cfg: config_lib.Config):
-  """Per-device `(params, stats, step, batch) -> (loss, grads, stats, collapse)`.
+def chance_levels(batch: int) -> dict:
+  """What the step's loss and batch retrieval read with no slide identity, global batch `batch`.
 
+  loss_chance = log(2B - 1): NT-Xent when all 2B - 1 similarities of an anchor
+  are equal (projections that carry no identity score about this at a
+  temperature large enough for their cosine spread; see docs/train.md);
+  top1_chance = 1 / (2B - 1): the other view is one of the 2B - 1 candidates.
+  """
+  return {"loss_chance": math.log(2 * batch - 1), "top1_chance": retrieval.batch_chance(batch)}
+
+
+def _grads_body(graphdef, cfg: config_lib.Config):
+  """Per-device `(params, stats, step, batch) -> (loss, grads, stats, aux)`.
+
+  aux: {"collapse", "top1"}; top1 = the batch view retrieval of the projections
+  (retrieval.batch_retrieval_top1) over the GLOBAL batch (2B - 1 candidates)
+  whatever --loss_negatives says, so its chance level is always 1 / (2B - 1).
   Runs inside shard_map over AXIS; every output is the global (replicated) value.
   """
   global_neg = cfg.loss_negatives == "global"
@@ -113,9 +128,9 @@ def _grads_body(graphdef, cfg: config_lib.Config):
       _, z1 = model(views[0])
       _, z2 = model(views[1])
       loss = losses.nt_xent(z1, z2, cfg.loss_temperature, axis_name=AXIS if global_neg else None)
-      return loss, (nnx.state(model, nnx.BatchStat), z1)
+      return loss, (nnx.state(model, nnx.BatchStat), z1, z2)
 
-    (loss, (stats, z1)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats)
+    (loss, (stats, z1, z2)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, stats)
     # Each device's loss is the mean over its own anchors: the global loss is
     # their mean, and (collectives transpose to collectives under
     # check_vma=False) the mean of the per-device gradients is its gradient.
@@ -125,13 +140,16 @@ def _grads_body(graphdef, cfg: config_lib.Config):
     # no-op); unsynced ones are averaged so the replicated state stays one.
     stats = jax.lax.pmean(stats, AXIS)
     collapse = losses.collapse_level(jax.lax.all_gather(z1, AXIS, tiled=True))
-    return loss, grads, stats, collapse
+    # Mean over this device's anchors, candidates from every device: the pmean
+    # is the global top-1 (every device holds the same number of anchors).
+    top1 = jax.lax.pmean(retrieval.batch_retrieval_top1(z1, z2, axis_name=AXIS), AXIS)
+    return loss, grads, stats, {"collapse": collapse, "top1": top1}
 
   return body
 
 
 def make_grad_step(graphdef, cfg: config_lib.Config, mesh):
-  """Jitted `(params, stats, step, batch) -> (loss, grads, new_stats, collapse)`.
+  """Jitted `(params, stats, step, batch) -> (loss, grads, new_stats, {"collapse", "top1"})`.
 
   The training step without the optimiser (for tests and benchmarks).
   """
@@ -149,12 +167,13 @@ def make_train_step(graphdef, cfg: config_lib.Config, tx, mesh):
   batch (global arrays sharded over `data`): feats [B, 2, T, F], xy int32
   [B, 2, T, 2], position int32 [B] (see views.ViewSampler.local_batch).
   metrics: loss (global mean over the 2B anchors), collapse (of the first
-  views' projections, whole batch), grad_norm; all replicated scalars.
+  views' projections, whole batch), top1 (batch view retrieval of the
+  projections, global batch), grad_norm; all replicated scalars.
   """
   grads_body = _grads_body(graphdef, cfg)
 
   def body(state, batch):
-    loss, grads, stats, collapse = grads_body(
+    loss, grads, stats, aux = grads_body(
       state["params"], state["batch_stats"], state["step"], batch
     )
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -165,7 +184,7 @@ def make_train_step(graphdef, cfg: config_lib.Config, tx, mesh):
       "opt_state": opt_state,
       "step": state["step"] + 1,
     }
-    return new, {"loss": loss, "collapse": collapse, "grad_norm": _tree_norm(grads)}
+    return new, {"loss": loss, **aux, "grad_norm": _tree_norm(grads)}
 
   sharded = jax.shard_map(
     body, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()), check_vma=False
@@ -242,32 +261,70 @@ class Metrics:
       self._tb.close()
 
 
+def plot_training(recs: list, path, title: str = "") -> pathlib.Path:
+  """Loss (with its chance line and the lr), batch retrieval and collapse vs step -> PNG (atomic).
+
+  Args:
+    recs: metrics.jsonl records (step, loss, lr; top1, loss_chance,
+      top1_chance, collapse where present: runs written before they were
+      logged still plot).
+    path: the PNG written.
+    title: a line above the panels (e.g. the run's settings).
+  """
+  import matplotlib  # pylint: disable=g-import-not-at-top
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  steps = [r["step"] for r in recs]
+  panels = ["loss"] + [k for k in ("top1", "collapse") if all(k in r for r in recs)]
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
+  axes = axes[0]
+  ax = axes[0]
+  handles = ax.plot(steps, [r["loss"] for r in recs], color="C0", label="NT-Xent loss (training)")
+  if "loss_chance" in recs[-1]:
+    c = recs[-1]["loss_chance"]
+    handles.append(ax.axhline(c, color="k", ls="--", lw=1, label=f"chance log(2B-1) = {c:.2f}"))
+  ax.set(xlabel="step", ylabel="NT-Xent loss", title="loss")
+  if all("lr" in r for r in recs):
+    ax2 = ax.twinx()
+    handles += ax2.plot(
+      steps, [r["lr"] for r in recs], color="C1", alpha=0.6, lw=1, label="learning rate (right)"
+    )
+    ax2.set_ylabel("learning rate")
+  ax.legend(handles=handles, fontsize=8, loc="best")
+  for ax, key in zip(axes[1:], panels[1:]):
+    if key == "top1":
+      ax.plot(steps, [r["top1"] for r in recs], color="C2", label="batch view retrieval, top-1")
+      if "top1_chance" in recs[-1]:
+        c = recs[-1]["top1_chance"]
+        ax.axhline(c, color="k", ls="--", lw=1, label=f"chance 1/(2B-1) = {c:.3f}")
+      ax.set(xlabel="step", ylabel="top-1 (other view nearest)", ylim=(0, 1))
+      ax.set_title("does a view find its slide's other view?")
+      ax.legend(fontsize=8, loc="best")
+    else:
+      ax.plot(steps, [r["collapse"] for r in recs], color="C4")
+      ax.set(xlabel="step", ylabel="collapse (std x sqrt(dim); 0 = collapsed)", title="spread")
+  if title:
+    fig.suptitle(title, fontsize=9)
+  fig.tight_layout()
+  out = pathlib.Path(path)
+  tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}.png")
+  fig.savefig(tmp, dpi=110)
+  plt.close(fig)
+  os.replace(tmp, out)
+  return out
+
+
 def plot_loss_curve(workdir) -> pathlib.Path | None:
-  """loss and collapse vs step from metrics.jsonl -> loss_curve.png (atomic)."""
+  """metrics.jsonl of a run -> loss_curve.png in it (plot_training); None without records."""
   path = pathlib.Path(workdir) / METRICS
   if not path.exists():
     return None
   recs = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
   if not recs:
     return None
-  import matplotlib  # pylint: disable=g-import-not-at-top
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
-  fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
-  steps = [r["step"] for r in recs]
-  ax[0].plot(steps, [r["loss"] for r in recs])
-  ax[0].set(xlabel="step", ylabel="NT-Xent loss")
-  ax[1].plot(steps, [r["collapse"] for r in recs])
-  ax[1].set(xlabel="step", ylabel="collapse (std x sqrt(dim); 0 = collapsed)")
-  fig.tight_layout()
-  out = pathlib.Path(workdir) / "loss_curve.png"
-  tmp = out.with_name(f".loss_curve.tmp-{os.getpid()}.png")
-  fig.savefig(tmp, dpi=100)
-  plt.close(fig)
-  os.replace(tmp, out)
-  return out
+  return plot_training(recs, pathlib.Path(workdir) / "loss_curve.png")
 
 
 # ----------------------------------------------------------------- run ------
@@ -378,11 +435,13 @@ def run(cfg: config_lib.Config) -> dict:
   )
   metrics = Metrics(workdir, start, is_main)
   views_per_step = 2 * cfg.train_batch_size
+  chance = chance_levels(cfg.train_batch_size)
   bar = None
   if is_main and cfg.train_progress:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
 
-    bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    desc = f"train (chance: loss {chance['loss_chance']:.2f}, top1 {chance['top1_chance']:.3f})"
+    bar = tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True)
   t_log, n_log, t_start = None, 0, time.perf_counter()
   last = {}
 
@@ -412,15 +471,21 @@ def run(cfg: config_lib.Config) -> dict:
         "collapse": vals["collapse"],
         "grad_norm": vals["grad_norm"],
         "epoch": done / spe,
+        "top1": vals["top1"],
+        **chance,
       }
       metrics.write(last)
       if bar is None and is_main:
         eta = (total - done) * (now - t_log) / max(n_log, 1)
         log.info(
-          "step %d/%d loss %.4f lr %.3g collapse %.3f %s views/s ETA %.0fs",
+          "step %d/%d loss %.4f (chance %.2f) top1 %.3f (chance %.3f) lr %.3g collapse %.3f "
+          "%s views/s ETA %.0fs",
           done,
           total,
           vals["loss"],
+          chance["loss_chance"],
+          vals["top1"],
+          chance["top1_chance"],
           last["lr"],
           vals["collapse"],
           "-" if vps is None else f"{vps:.0f}",
@@ -429,7 +494,11 @@ def run(cfg: config_lib.Config) -> dict:
       t_log, n_log = now, 0
     if bar is not None:
       bar.update(1)
-      bar.set_postfix(loss=f"{vals['loss']:.4f}", collapse=f"{vals['collapse']:.3f}")
+      bar.set_postfix(
+        loss=f"{vals['loss']:.3f}",
+        top1=f"{vals['top1']:.3f}",
+        collapse=f"{vals['collapse']:.2f}",
+      )
 
   pending = None
   try:

@@ -1,6 +1,7 @@
 """The demo cohort (real tissue, synthetic labels) and the demo end to end at --quick size."""
 
 import csv
+import json
 
 import numpy as np
 import openslide
@@ -91,7 +92,7 @@ def test_render_rejects_unknown_class():
 
 def test_quick_demo_end_to_end(tmp_path):
   """All five stages at tiny size; the folder holds what the demo promises."""
-  res = demo.run(demo.DemoConfig.quick(out=str(tmp_path / "demo"), progress=False))
+  res = demo.run(demo.DemoConfig.quick_sizes(out=str(tmp_path / "demo"), progress=False))
   out = tmp_path / "demo"
   assert res["out"] == out
   for name in (
@@ -113,4 +114,34 @@ def test_quick_demo_end_to_end(tmp_path):
     z = np.load(out / "reps" / f"{m}.npz")
     assert len(z["ids"]) == 8 and np.isfinite(z["reps"]).all()
   assert set(res["times"]) == {"cohort", "embed", "train", "encode", "evaluate"}
-  assert "| gigassl |" in (out / "README.md").read_text()
+  readme = (out / "README.md").read_text()
+  assert "| gigassl |" in readme
+  # --quick says it is a plumbing check, in the summary and in the reading.
+  assert "plumbing check" in readme.lower() and "not a result" in res["reading"][0]
+  # Written once: the contact sheet only at the top, thumbnails only in thumbnails/.
+  assert not (out / "cohort" / "cohort.png").exists()
+  assert not (out / "bank" / "thumbnails").exists()
+  with Image.open(out / "thumbnails" / "demo_000.png") as im:
+    assert min(im.size) >= 512, im.size
+  # What the run shows, with its chance levels (8 slides: 1/8; batch 8: log 15, 1/15).
+  assert res["identity"]["chance"] == 1 / 8 and 0 <= res["identity"]["top1"] <= 1
+  assert res["training"]["loss_chance"] == pytest.approx(np.log(15), rel=1e-12)
+  assert res["training"]["top1_chance"] == pytest.approx(1 / 15, rel=1e-12)
+  assert set(res["heldout"]["top1"]) == {"gigassl", "random_init", "mean_tiles"}
+  rec = json.loads((out / "run.json").read_text())
+  assert {"command", "date", "machine", "elapsed_s", "identity", "training", "heldout"} <= set(rec)
+
+
+def test_reading_compares_paired_splits():
+  """Constructed AUCs: the reading's numbers are the paired differences, its verdicts follow."""
+  recs = []
+  for k, (g, r, m) in enumerate([(0.9, 0.7, 0.9), (0.8, 0.6, 0.7), (0.7, 0.5, 0.8)]):
+    for method, auc in (("gigassl", g), ("random_init", r), ("mean_tiles", m)):
+      recs.append({"subset": "full", "method": method, "split": f"s{k}", "auc": auc, "n_train": 24})
+  (line,) = demo.read_table(recs)
+  # gigassl - random_init = +0.2 on every split (std 0): better.
+  assert "vs random init: +0.200 AUC (paired std 0.000, better)" in line, line
+  # gigassl - mean_tiles = 0, +0.1, -0.1: mean 0, std 0.082: within one std.
+  assert "vs mean of tiles: +0.000 AUC (paired std 0.082, within one std)" in line, line
+  assert line.startswith("trained net, 24 training slides"), line
+  assert "not a result" in demo.read_table(recs, quick=True)[0]

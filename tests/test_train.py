@@ -239,7 +239,9 @@ def test_eight_device_step_equals_one_device_step(seed):
     )
   (l1, g1, s1, c1), (l8, g8, s8, c8) = outs
   np.testing.assert_allclose(l8, l1, rtol=1e-5, err_msg=f"seed {seed}")
-  np.testing.assert_allclose(c8, c1, rtol=1e-5, err_msg=f"seed {seed}")
+  np.testing.assert_allclose(c8["collapse"], c1["collapse"], rtol=1e-5, err_msg=f"seed {seed}")
+  # A count of hits over the 32 anchors: the devices must see the global batch.
+  assert c8["top1"] == c1["top1"], f"seed {seed}: {c8['top1']} vs {c1['top1']}"
   for a, b in zip(jax.tree.leaves(g8), jax.tree.leaves(g1)):
     # float32 sums in another order, amplified 1/tau = 20x by the loss: a few
     # 1e-4 of the largest entry (1e-4 failed once in ~10 fresh-random runs at
@@ -261,8 +263,13 @@ def test_run_writes_metrics_checkpoints_and_restores(reference_run):
   recs = [json.loads(l) for l in (wd / train.METRICS).read_text().splitlines()]
   assert [r["step"] for r in recs] == list(range(1, STEPS + 1))
   for r in recs:
-    assert {"step", "loss", "lr", "views_per_s", "collapse"} <= set(r)
+    assert {"step", "loss", "lr", "views_per_s", "collapse", "top1"} <= set(r)
     assert np.isfinite(r["loss"]) and 0 <= r["collapse"] <= 2
+    # Chance levels of the global batch (BATCH slides, 2 * BATCH - 1 candidates).
+    assert r["loss_chance"] == pytest.approx(np.log(2 * BATCH - 1), rel=1e-12)
+    assert r["top1_chance"] == pytest.approx(1 / (2 * BATCH - 1), rel=1e-12)
+    # top1 is a count of hits over the 2 * BATCH anchors.
+    assert r["top1"] * 2 * BATCH == pytest.approx(round(r["top1"] * 2 * BATCH), abs=1e-4)
   assert recs[0]["lr"] == 0.0 and max(r["lr"] for r in recs) > 0  # warm-up from 0
   assert all(r["views_per_s"] > 0 for r in recs[1:])
   assert (wd / "loss_curve.png").stat().st_size > 1000
