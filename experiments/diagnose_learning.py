@@ -75,7 +75,7 @@ def _make_step(graphdef, cfg, unit_schedule):
         batch["feats"][:, v],
         batch["position"],
         aug,
-        cfg.data_cell,
+        cfg.cell,
       )
       for v in range(2)
     ]

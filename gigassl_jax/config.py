@@ -55,7 +55,12 @@ class Config:
     required=True,
   )
   data_tiles: int = F(5, "T: tiles per view (with replacement).")
-  data_cell: int = F(224, "Level-0 pixels per grid cell.")
+  data_cell: int = F(
+    0,
+    "Level-0 pixels per grid cell; 0 = from the bank's patch size (bank.grid_cell_for: "
+    "neighbouring tiles 4 cells apart, 224 for 224-px tiles read at level 1 of a 40x scan, "
+    "as the reference).",
+  )
   data_translate: bool = F(True, "Random translation of a view's positions.")
   data_rotate: bool = F(True, "Random rotation (uniform angle).")
   data_flip: bool = F(True, "Random +-1 flip per axis.")
@@ -161,6 +166,12 @@ class Config:
     return None if self.model_conv_impl == "auto" else self.model_conv_impl
 
   @property
+  def cell(self) -> int:
+    """The grid cell in level-0 px: data_cell, or before train.run resolved 0 from the
+    bank, the reference's 224 (what grid_cell_for gives a bank of unknown patch size)."""
+    return self.data_cell or 224
+
+  @property
   def lr(self) -> float:
     """Peak learning rate: base_lr x batch / 256 (docs/method.md section 5)."""
     return self.optim_base_lr * self.train_batch_size / 256.0
@@ -192,7 +203,7 @@ class Config:
     need(self.workdir, "--workdir is required")
     need(self.data_bank, "--data_bank is required (a bank directory or 'synthetic')")
     need(self.data_tiles >= 1, f"--data_tiles must be >= 1, got {self.data_tiles}")
-    need(self.data_cell >= 1, f"--data_cell must be >= 1, got {self.data_cell}")
+    need(self.data_cell >= 0, f"--data_cell must be >= 0 (0 = from the bank), got {self.data_cell}")
     lo, hi = self.data_scale_range
     need(0 < lo <= hi, f"--data_scale_range must be 0 < low <= high, got {self.data_scale_range}")
     need(

@@ -154,6 +154,9 @@ def _train_config(cfg: DemoConfig, bank: pathlib.Path, workdir: pathlib.Path):
     train_seed=cfg.seed,
     train_progress=cfg.progress,
     loss_temperature=TEMPERATURE,
+    # The cell the committed demo run used (experiments/results/demo); the
+    # bank rule (--data_cell=0) would follow the cohort's tile size instead.
+    data_cell=224,
     data_read_threads=2,
   ).validate()
 
@@ -428,7 +431,7 @@ def heldout_retrieval(bank, workdir, seed: int = 0, aug=(0, 1)) -> dict:
   model, tcfg = ckpt_lib.restore_model(workdir)
 
   def net(pool):
-    f = encode_lib._pool_fn(pool, tcfg.data_cell)  # pylint: disable=protected-access
+    f = encode_lib._pool_fn(pool, tcfg.cell)  # pylint: disable=protected-access
     return lambda x, xy: f(xy, x, np.ones(x.shape[:2], bool))
 
   encoders = {

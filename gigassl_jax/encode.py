@@ -375,7 +375,7 @@ def run(
     pool = random_pool(reader.feature_dim, seed, cfg)
     meta["init_seed"] = cfg.train_seed if cfg is not None else seed
   if cfg is not None:
-    cell = cfg.data_cell
+    cell = cfg.cell
     if cfg.model_in_features and cfg.model_in_features != reader.feature_dim:
       raise ValueError(
         f"the run {workdir} was trained on {cfg.model_in_features}-d tile "

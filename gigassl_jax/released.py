@@ -260,10 +260,10 @@ def main(argv=None) -> int:
   export(
     model.pool,
     args.out,
-    downmap=cfg.data_cell,
+    downmap=cfg.cell,
     config={"source": "gigassl_jax", "workdir": os.path.abspath(args.workdir)},
   )
-  print(f"wrote {args.out} (downmap {cfg.data_cell})")
+  print(f"wrote {args.out} (downmap {cfg.cell})")
   return 0
 
 

@@ -1,4 +1,4 @@
-r"""Trains the Giga-SSL pooling network on an embedding bank (method.md section 5).
+r"""Trains the Giga-SSL pooling network on an embedding bank (docs/method.md section 5).
 
     python -m gigassl_jax.train --flagfile=experiments/base.flags \
         --data_bank=BANK --workdir=RUN
@@ -91,7 +91,7 @@ def step_views(cfg: config_lib.Config, step, batch) -> list:
       batch["feats"][:, v],
       batch["position"],
       aug,
-      cfg.data_cell,
+      cfg.cell,
     )
     for v in range(2)
   ]
@@ -377,6 +377,8 @@ def run(cfg: config_lib.Config) -> dict:
       f"{reader.path} holds {reader.feature_dim}-d embeddings"
     )
   cfg = cfg.replace(model_in_features=reader.feature_dim)
+  if cfg.data_cell == 0:  # the grid cell from the bank's patch size (docs/own-features.md)
+    cfg = cfg.replace(data_cell=bank_lib.grid_cell_for(bank_lib.bank_patch_size_level0(reader)))
   n_dev = jax.device_count()
   if cfg.train_batch_size % n_dev:
     raise ValueError(
