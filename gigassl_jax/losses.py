@@ -35,6 +35,22 @@ def nt_xent(z1, z2, temperature: float = 0.05, axis_name: str | None = None):
   Returns:
     scalar float32.
   """
+  sim, pos_idx = view_similarities(z1, z2, axis_name)
+  logits = sim / temperature
+  pos = jnp.take_along_axis(logits, pos_idx[:, None], axis=1)[:, 0]
+  return jnp.mean(jax.nn.logsumexp(logits, axis=1) - pos)
+
+
+def view_similarities(z1, z2, axis_name: str | None = None):
+  """Cosine similarities of the 2n local anchors to all 2N views, self excluded.
+
+  The layout NT-Xent and the batch retrieval metric share: anchors are this
+  device's z1 rows then z2 rows; keys are every device's (all_gather) z1 then
+  z2 rows; each anchor's own column is -inf. float32 at Precision.HIGHEST.
+
+  Returns:
+    (sim [2n, 2N] float32, pos_idx [2n] int: the column of each anchor's positive).
+  """
   if z1.shape != z2.shape or z1.ndim != 2:
     raise ValueError(f"z1 and z2 must both be [n, D], got {z1.shape} and {z2.shape}")
   a1, a2 = _normalize(z1), _normalize(z2)
@@ -49,14 +65,11 @@ def nt_xent(z1, z2, temperature: float = 0.05, axis_name: str | None = None):
   anchors = jnp.concatenate([a1, a2])  # [2n, D]
   keys = jnp.concatenate([k1, k2])  # [2N, D]
   sim = jnp.matmul(anchors, keys.T, precision=jax.lax.Precision.HIGHEST)  # [2n, 2N], float32
-  logits = sim / temperature
   i = jnp.arange(n)
   self_idx = jnp.concatenate([offset + i, total + offset + i])
   pos_idx = jnp.concatenate([total + offset + i, offset + i])
   cols = jnp.arange(2 * total)[None, :]
-  logits = jnp.where(cols == self_idx[:, None], -jnp.inf, logits)
-  pos = jnp.take_along_axis(logits, pos_idx[:, None], axis=1)[:, 0]
-  return jnp.mean(jax.nn.logsumexp(logits, axis=1) - pos)
+  return jnp.where(cols == self_idx[:, None], -jnp.inf, sim), pos_idx
 
 
 def collapse_level(z):

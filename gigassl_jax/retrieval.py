@@ -25,10 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def _normalize(z, eps=1e-12):
-  z = z.astype(jnp.float32)
-  return z * jax.lax.rsqrt(jnp.maximum(jnp.sum(z * z, axis=-1, keepdims=True), eps * eps))
+from gigassl_jax import losses
 
 
 def batch_chance(batch: int) -> float:
@@ -58,25 +55,7 @@ def batch_retrieval_top1(z1, z2, axis_name: str | None = None):
   Returns:
     scalar float32 in [0, 1].
   """
-  if z1.shape != z2.shape or z1.ndim != 2:
-    raise ValueError(f"z1 and z2 must both be [n, D], got {z1.shape} and {z2.shape}")
-  a1, a2 = _normalize(z1), _normalize(z2)
-  n = a1.shape[0]
-  if axis_name is None:
-    k1, k2, offset, total = a1, a2, 0, n
-  else:
-    k1 = jax.lax.all_gather(a1, axis_name, tiled=True)
-    k2 = jax.lax.all_gather(a2, axis_name, tiled=True)
-    offset = jax.lax.axis_index(axis_name) * n
-    total = k1.shape[0]
-  anchors = jnp.concatenate([a1, a2])  # [2n, D]
-  keys = jnp.concatenate([k1, k2])  # [2N, D]
-  sim = anchors @ keys.T  # [2n, 2N]
-  i = jnp.arange(n)
-  self_idx = jnp.concatenate([offset + i, total + offset + i])
-  pos_idx = jnp.concatenate([total + offset + i, offset + i])
-  cols = jnp.arange(2 * total)[None, :]
-  sim = jnp.where(cols == self_idx[:, None], -jnp.inf, sim)
+  sim, pos_idx = losses.view_similarities(z1, z2, axis_name)
   return jnp.mean((jnp.argmax(sim, axis=1) == pos_idx).astype(jnp.float32))
 
 
