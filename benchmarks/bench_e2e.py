@@ -15,7 +15,10 @@ r"""End-to-end training rate vs the device-only step rate, at the same batch, in
    `warmup` steps; the rate is views / total time, as bench_train's jax arm.
 
 Prints a table and, with --out, writes {"device", "batch", "device_views_per_s",
-"e2e_views_per_s", "ratio", "command", "date", "threads", ...} as JSON.
+"e2e_views_per_s", "ratio", "input_views_per_s", "command", "date", "threads",
+...} as JSON. 3. input only: reading 8 batches on the host (sampler.local_batch,
+the training program's reader), timed, shows whether the input or the device
+bounds the end-to-end rate.
 """
 
 from __future__ import annotations
@@ -77,8 +80,9 @@ def e2e_rate(recs: list[dict], batch: int, warmup: int) -> tuple[float, int]:
   return len(timed) * 2 * batch / seconds, len(timed)
 
 
-def device_rate(workdir, steps: int, warmup: int) -> float:
-  """views/s of the run's training step on batches already on the device."""
+def device_rate(workdir, steps: int, warmup: int) -> tuple[float, float]:
+  """(views/s of the run's training step on batches already on the device,
+  views/s of reading batches from the bank on the host alone)."""
   cfg = config_lib.read(workdir)
   reader = bank_lib.open_bank(cfg.data_bank)
   sampler = views_lib.ViewSampler(
@@ -92,8 +96,12 @@ def device_rate(workdir, steps: int, warmup: int) -> float:
   graphdef, state = checkpoint.init_state(model, tx)
   step = train.make_train_step(graphdef, cfg, tx, mesh)
   state = train.put_replicated(state, mesh)
-  # A few distinct batches, read and placed before timing (the input is free here).
-  batches = [train.put_batch(sampler.local_batch(i), mesh) for i in range(4)]
+  # A few distinct batches, read and placed before timing (the input is free
+  # here); reading them alone, timed, is the input arm (host only, no device).
+  t = time.perf_counter()
+  host = [sampler.local_batch(i) for i in range(8)]
+  input_rate = len(host) * 2 * cfg.train_batch_size / (time.perf_counter() - t)
+  batches = [train.put_batch(b, mesh) for b in host[:4]]
   sampler.close()
   times = []
   for i in range(warmup + steps):
@@ -101,7 +109,7 @@ def device_rate(workdir, steps: int, warmup: int) -> float:
     state, m = step(state, batches[i % len(batches)])
     jax.block_until_ready(m["loss"])
     times.append(time.perf_counter() - t)
-  return steps * 2 * cfg.train_batch_size / sum(times[warmup:])
+  return steps * 2 * cfg.train_batch_size / sum(times[warmup:]), input_rate
 
 
 def main(argv=None):
@@ -137,7 +145,7 @@ def main(argv=None):
     recs = e2e_run(bank, wd, a.batch, a.warmup + a.steps, a.workers, a.train_flag)
     e2e, n_e2e = e2e_rate(recs, a.batch, a.warmup)
     wall = time.perf_counter() - t0
-    dev = device_rate(wd, a.steps, a.warmup)
+    dev, inp = device_rate(wd, a.steps, a.warmup)
 
   device = str(jax.devices()[0].device_kind)
   if jax.default_backend() == "cpu":
@@ -152,6 +160,7 @@ def main(argv=None):
   print(f"{'arm':<12} {'views/s':>10} {'steps':>6}")
   print(f"{'device':<12} {dev:>10.0f} {a.steps:>6}")
   print(f"{'e2e':<12} {e2e:>10.0f} {n_e2e:>6}  (train program, {wall:.0f} s incl. compile)")
+  print(f"{'input only':<12} {inp:>10.0f} {8:>6}  (reading views on the host, no device)")
   print(f"{'ratio':<12} {ratio:>10.2f}")
   if a.out:
     rec = {
@@ -161,6 +170,7 @@ def main(argv=None):
       "device_views_per_s": dev,
       "e2e_views_per_s": e2e,
       "ratio": ratio,
+      "input_views_per_s": inp,
       "steps_timed": a.steps,
       "warmup": a.warmup,
       "bank_shape": shape,
