@@ -1,11 +1,11 @@
 """2 processes x 4 CPU devices (gloo collectives) train as 1 process x 8 devices.
 
-Known problem (see docs/train.md): with 2 processes over gloo and more than
-one device per process, every step whose backward pass contains a collective
-(synced BN, global negatives) stalls ~30 s, though the results are right. So this test runs 2
-steps only (no warm-up: step 2's loss depends on step 1's all-reduced
-gradients), with per-device BN statistics (--nomodel_sync_bn) and global
-negatives (an all_gather across the processes).
+The default configuration: synced BN (psums in the forward and backward
+passes) and global negatives (an all_gather across the processes). 2 steps
+(no warm-up: step 2's loss depends on step 1's all-reduced gradients). Over
+gloo, a reduce-scatter (the transpose of the all_gather) stalled every step
+~30 s; losses.py's all_gather transposes to an all-reduce instead
+(experiments/results/scale/multihost.md).
 
 Why step 2 is compared with a derived tolerance and not bitwise: the two runs
 sum the 8 per-device gradients in different orders (an in-process all-reduce
@@ -58,6 +58,11 @@ def _metrics(workdir):
 def _step2_tolerance(ref):
   """Bound on |loss_2(multi) - loss_2(single)|.
 
+  With synced BN the per-device gradients themselves differ by rounding (the
+  BN statistics are psums over 8 devices in another order, relative error
+  <= 7 u); that is of the same order as the reordering bound below and inside
+  its DEVICES^2 slack.
+
   Step 1's update is u(g) = lr g / (|g| + eps) per entry, whose derivative
   eps / (|g| + eps)^2 is at most 1 / eps: |du| <= (lr / eps) |dg|. The gradient
   is the mean of DEVICES per-device gradients; summing them in another order
@@ -86,7 +91,6 @@ def test_two_processes_match_one_process(tmp_path, seed):
     "optim_base_lr": BASE_LR,
     "optim_eps": EPS,
     "train_seed": seed,
-    "model_sync_bn": False,
   }
 
   # 2 processes x 4 devices, started first so they run while the reference does.

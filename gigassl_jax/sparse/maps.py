@@ -69,6 +69,32 @@ def unpack_keys(keys: jax.Array) -> jax.Array:
   return jnp.stack([keys // COORD_LIMIT, keys % COORD_LIMIT], axis=-1)
 
 
+def sorted_runs(keys: jax.Array, capacity: int):
+  """Sorts one view's candidate keys and finds the run of each distinct key.
+
+  Args:
+    keys: int32 [N] candidate site keys, PAD_KEY for none.
+    capacity: static number of sites (>= the number of distinct keys).
+
+  Returns:
+    order: int32 [N] stable sorting permutation (equal keys keep their order).
+    seg_sorted: int32 [N] site of each sorted candidate, nondecreasing
+      (capacity for PAD_KEY candidates, which sort last).
+    start: int32 [capacity] first sorted position of each site's run.
+    count: int32 [capacity] candidates in each site's run (0 past the last site).
+  """
+  order = jnp.argsort(keys, stable=True)
+  skeys = keys[order]
+  real = skeys != PAD_KEY
+  first = real & jnp.concatenate([jnp.ones((1,), bool), skeys[1:] != skeys[:-1]])
+  seg_sorted = jnp.where(real, jnp.cumsum(first, dtype=jnp.int32) - 1, capacity)
+  # Binary searches (compares and gathers), not a histogram: no scatter.
+  sites = jnp.arange(capacity, dtype=jnp.int32)
+  start = jnp.searchsorted(seg_sorted, sites, side="left").astype(jnp.int32)
+  end = jnp.searchsorted(seg_sorted, sites, side="right").astype(jnp.int32)
+  return order.astype(jnp.int32), seg_sorted, start, end - start
+
+
 def unique_sites(keys: jax.Array, capacity: int):
   """Sorted unique keys of one view, compacted to a static capacity.
 
@@ -81,16 +107,74 @@ def unique_sites(keys: jax.Array, capacity: int):
     seg: int32 [N] row of each candidate's site (capacity for PAD_KEY
       candidates, so segment ops with num_segments=capacity drop them).
   """
-  order = jnp.argsort(keys, stable=True)
-  skeys = keys[order]
-  real = skeys != PAD_KEY
-  first = real & jnp.concatenate([jnp.ones((1,), bool), skeys[1:] != skeys[:-1]])
-  seg_sorted = jnp.cumsum(first, dtype=jnp.int32) - 1
-  seg_sorted = jnp.where(real, seg_sorted, capacity)
-  seg = jnp.zeros_like(seg_sorted).at[order].set(seg_sorted)
-  site_keys = jnp.full((capacity,), PAD_KEY, jnp.int32)
-  site_keys = site_keys.at[seg_sorted].set(skeys, mode="drop")
+  order, seg_sorted, start, count = sorted_runs(keys, capacity)
+  site_keys = _run_keys(keys, order, start, count)
+  # order is a permutation: every index is written once (no accumulation).
+  seg = jnp.zeros_like(seg_sorted).at[order].set(seg_sorted, unique_indices=True)
   return site_keys, seg
+
+
+def _run_keys(keys, order, start, count):
+  """int32 [S]: the key of each run (PAD_KEY for empty sites), by gathers."""
+  first = keys[order[jnp.minimum(start, keys.shape[0] - 1)]]
+  return jnp.where(count > 0, first, PAD_KEY)
+
+
+@jax.custom_vjp
+def run_means(feats, order, seg_sorted, start, count):
+  """Mean of each site's run of features, summed in a fixed order on every backend.
+
+  segment_sum is a scatter-add, which XLA GPU accumulates in an arbitrary
+  order (run to run differences in the last bits). Here the k-th member of
+  every run is added in round k (a gather: runs do not share rows), so each
+  site sums its tiles first to last in their input order, ((0 + f_a) + f_b) +
+  ..., which is also the order of XLA CPU's sequential scatter-add: the means
+  are bitwise those of segment_sum on CPU. Rounds = the largest run (a few for
+  views drawn with replacement; 1 when tiles sit on distinct cells).
+
+  Args:
+    feats: float [V, N, C] candidate features, in input order.
+    order, seg_sorted: int32 [V, N]; start, count: int32 [V, S] (sorted_runs per view).
+
+  Returns:
+    float32 [V, S, C]: per-site means (0 for empty sites).
+  """
+  return _run_means(feats, order, start, count)
+
+
+def _run_means(feats, order, start, count):
+  f = jnp.take_along_axis(feats.astype(jnp.float32), order[..., None], axis=1)
+  last = f.shape[1] - 1
+
+  def body(carry):
+    k, acc = carry
+    row = jnp.take_along_axis(f, jnp.minimum(start + k, last)[..., None], axis=1)
+    return k + 1, acc + jnp.where((k < count)[..., None], row, 0.0)
+
+  acc = jnp.zeros(start.shape + (f.shape[-1],), jnp.float32)
+  _, acc = jax.lax.while_loop(lambda c: c[0] < jnp.max(count), body, (jnp.int32(0), acc))
+  return acc / jnp.maximum(count, 1).astype(jnp.float32)[..., None]
+
+
+def _run_means_fwd(feats, order, seg_sorted, start, count):
+  return _run_means(feats, order, start, count), (feats, order, seg_sorted, count)
+
+
+def _run_means_bwd(res, g):
+  # d feats[i] = g[site of i] / count: a gather, no scatter-add either.
+  feats, order, seg_sorted, count = res
+  s = count.shape[1]
+  idx = jnp.minimum(seg_sorted, s - 1)[..., None]
+  w = jnp.where(seg_sorted < s, 1.0, 0.0)[..., None]
+  den = jnp.maximum(jnp.take_along_axis(count, idx[..., 0], axis=1), 1).astype(jnp.float32)
+  gs = jnp.take_along_axis(g, idx, axis=1) * w / den[..., None]
+  # Sorted -> input order by the inverse permutation (a gather as well).
+  inv = jnp.argsort(order, axis=1)
+  gf = jnp.take_along_axis(gs, inv[..., None], axis=1).astype(feats.dtype)
+  return gf, None, None, None, None
+
+
+run_means.defvjp(_run_means_fwd, _run_means_bwd)
 
 
 @functools.partial(jax.jit, static_argnames=("cell",))
@@ -204,14 +288,13 @@ def from_grid(grid, feats, valid=None) -> SparseMap:
 def _from_grid(grid, feats, valid):
   cap = grid.shape[1]
 
-  def one(g, f, m):
-    keys, seg = unique_sites(pack_keys(g, m), cap)
-    cnt = jax.ops.segment_sum(m.astype(jnp.float32), seg, num_segments=cap)
-    s = jax.ops.segment_sum(f.astype(jnp.float32), seg, num_segments=cap)
-    mean = s / jnp.maximum(cnt, 1.0)[:, None]
-    smask = keys != PAD_KEY
-    coords = jnp.where(smask[:, None], unpack_keys(keys), 0)
-    return coords, mean.astype(f.dtype), smask
+  def runs(g, m):
+    keys = pack_keys(g, m)
+    order, seg_sorted, start, count = sorted_runs(keys, cap)
+    return _run_keys(keys, order, start, count), order, seg_sorted, start, count
 
-  coords, f, m = jax.vmap(one)(grid, feats, valid)
-  return SparseMap(coords=coords, feats=f, mask=m)
+  keys, order, seg_sorted, start, count = jax.vmap(runs)(grid, valid)
+  mean = run_means(feats, order, seg_sorted, start, count)
+  smask = keys != PAD_KEY
+  coords = jnp.where(smask[..., None], unpack_keys(keys), 0)
+  return SparseMap(coords=coords, feats=mean.astype(feats.dtype), mask=smask)

@@ -1,0 +1,190 @@
+r"""End-to-end training rate vs the device-only step rate, at the same batch, in one run.
+
+    python benchmarks/bench_e2e.py [--batch=64] [--steps=40] [--warmup=5]
+        [--bank_shape=256,4,32,256] [--workers=-1] [--out=FILE.json]
+
+1. e2e: `python -m gigassl_jax.train --flagfile=experiments/base.flags` on a
+   synthetic bank (made once in a temporary directory), --train_log_every=1, as
+   a child process; its metrics.jsonl gives each step's wall time (the time
+   between two steps' metrics, which includes waiting for the input). The first
+   `warmup` steps (compilation, the prefetch queue filling) are excluded; the
+   rate is views / total time of the remaining steps.
+2. device: in this process, the same run's config (read from its config.json),
+   the same jitted training step (train.make_train_step) on batches of the same
+   bank already on the device, timed step by step with block_until_ready after
+   `warmup` steps; the rate is views / total time, as bench_train's jax arm.
+
+Prints a table and, with --out, writes {"device", "batch", "device_views_per_s",
+"e2e_views_per_s", "ratio", "input_views_per_s", "command", "date", "threads",
+...} as JSON. 3. input only: reading 8 batches on the host (sampler.local_batch,
+the training program's reader), timed, shows whether the input or the device
+bounds the end-to-end rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+
+from gigassl_jax import bank as bank_lib
+from gigassl_jax import checkpoint, synthetic, train
+from gigassl_jax import config as config_lib
+from gigassl_jax import views as views_lib
+from gigassl_jax.machine import cpu_name
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def e2e_run(bank, workdir, batch: int, steps: int, workers: int, extra) -> list[dict]:
+  """Runs the training program to `steps`; returns its metrics records (one per step)."""
+  cmd = [
+    sys.executable,
+    "-m",
+    "gigassl_jax.train",
+    f"--flagfile={REPO / 'experiments/base.flags'}",
+    f"--data_bank={bank}",
+    f"--workdir={workdir}",
+    f"--train_batch_size={batch}",
+    f"--train_steps={steps}",
+    "--train_log_every=1",
+    f"--train_ckpt_every={steps + 1}",  # the final checkpoint only, after the timed steps
+    f"--data_workers={workers}",
+    "--notrain_progress",
+    *extra,
+  ]
+  res = subprocess.run(cmd, check=False, cwd=REPO, capture_output=True, text=True)
+  if res.returncode:
+    sys.exit(f"bench_e2e: the training run failed (rc {res.returncode}):\n{res.stderr[-3000:]}")
+  lines = (pathlib.Path(workdir) / train.METRICS).read_text().splitlines()
+  return [json.loads(l) for l in lines]
+
+
+def e2e_rate(recs: list[dict], batch: int, warmup: int) -> tuple[float, int]:
+  """(views/s over the steps after `warmup`, steps timed) from per-step metrics.
+
+  Each record's views_per_s is 2 * batch / (its step's wall time), so the total
+  time is the sum of 2 * batch / views_per_s.
+  """
+  timed = [r["views_per_s"] for r in recs if r["step"] > warmup and r["views_per_s"]]
+  if not timed:
+    sys.exit(f"bench_e2e: no timed steps after --warmup={warmup}; raise --steps")
+  seconds = sum(2 * batch / v for v in timed)
+  return len(timed) * 2 * batch / seconds, len(timed)
+
+
+def device_rate(workdir, steps: int, warmup: int) -> tuple[float, float]:
+  """(views/s of the run's training step on batches already on the device,
+  views/s of reading batches from the bank on the host alone)."""
+  cfg = config_lib.read(workdir)
+  reader = bank_lib.open_bank(cfg.data_bank)
+  sampler = views_lib.ViewSampler(
+    reader, batch_size=cfg.train_batch_size, tiles=cfg.data_tiles, seed=cfg.train_seed
+  )
+  mesh = train.make_mesh()
+  model = checkpoint.build_model(
+    cfg, reader.feature_dim, bn_axis_name=train.AXIS if cfg.model_sync_bn else None
+  )
+  tx = checkpoint.make_optimizer(cfg, checkpoint.make_schedule(cfg, steps, 1))
+  graphdef, state = checkpoint.init_state(model, tx)
+  step = train.make_train_step(graphdef, cfg, tx, mesh)
+  state = train.put_replicated(state, mesh)
+  # A few distinct batches, read and placed before timing (the input is free
+  # here); reading them alone, timed, is the input arm (host only, no device).
+  t = time.perf_counter()
+  host = [sampler.local_batch(i) for i in range(8)]
+  input_rate = len(host) * 2 * cfg.train_batch_size / (time.perf_counter() - t)
+  batches = [train.put_batch(b, mesh) for b in host[:4]]
+  sampler.close()
+  times = []
+  for i in range(warmup + steps):
+    t = time.perf_counter()
+    state, m = step(state, batches[i % len(batches)])
+    jax.block_until_ready(m["loss"])
+    times.append(time.perf_counter() - t)
+  return steps * 2 * cfg.train_batch_size / sum(times[warmup:]), input_rate
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--batch", type=int, default=64)
+  p.add_argument("--steps", type=int, default=40, help="timed steps (after the warm-up)")
+  p.add_argument("--warmup", type=int, default=5)
+  p.add_argument("--bank_shape", default="256,4,32,256", help="slides,naug,tiles,dim")
+  p.add_argument("--workers", type=int, default=-1, help="--data_workers of the e2e run")
+  p.add_argument("--train_flag", action="append", default=[], help="extra train flag (repeat)")
+  p.add_argument("--out", default="")
+  a = p.parse_args(argv)
+  try:
+    shape = [int(x) for x in a.bank_shape.split(",")]
+    if len(shape) != 4 or min(shape) < 1:
+      raise ValueError
+  except ValueError:
+    print(
+      f"bench_e2e: error: --bank_shape={a.bank_shape} is not slides,naug,tiles,dim", file=sys.stderr
+    )
+    return 2
+  if a.batch > shape[0]:
+    print(
+      f"bench_e2e: error: --batch={a.batch} exceeds the {shape[0]} slides of --bank_shape",
+      file=sys.stderr,
+    )
+    return 2
+
+  with tempfile.TemporaryDirectory() as tmp:
+    bank = synthetic.make_synthetic_bank(pathlib.Path(tmp) / "bank", *shape, seed=0)
+    wd = pathlib.Path(tmp) / "run"
+    t0 = time.perf_counter()
+    recs = e2e_run(bank, wd, a.batch, a.warmup + a.steps, a.workers, a.train_flag)
+    e2e, n_e2e = e2e_rate(recs, a.batch, a.warmup)
+    wall = time.perf_counter() - t0
+    dev, inp = device_rate(wd, a.steps, a.warmup)
+
+  device = str(jax.devices()[0].device_kind)
+  if jax.default_backend() == "cpu":
+    device += f" ({cpu_name()})"
+  threads = (
+    f"{os.cpu_count()} cores; XLA host threads: all; e2e --data_workers={a.workers} "
+    f"(auto: {'threads' if (os.cpu_count() or 1) < 8 else 'processes'}); "
+    f"load average at the end {os.getloadavg()[0]:.1f}"
+  )
+  ratio = e2e / dev
+  print(f"# bench_e2e: {device}, {jax.device_count()} device(s), batch {a.batch}; {threads}")
+  print(f"{'arm':<12} {'views/s':>10} {'steps':>6}")
+  print(f"{'device':<12} {dev:>10.0f} {a.steps:>6}")
+  print(f"{'e2e':<12} {e2e:>10.0f} {n_e2e:>6}  (train program, {wall:.0f} s incl. compile)")
+  print(f"{'input only':<12} {inp:>10.0f} {8:>6}  (reading views on the host, no device)")
+  print(f"{'ratio':<12} {ratio:>10.2f}")
+  if a.out:
+    rec = {
+      "device": device,
+      "devices": jax.device_count(),
+      "batch": a.batch,
+      "device_views_per_s": dev,
+      "e2e_views_per_s": e2e,
+      "ratio": ratio,
+      "input_views_per_s": inp,
+      "steps_timed": a.steps,
+      "warmup": a.warmup,
+      "bank_shape": shape,
+      "command": " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
+      "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+      "threads": threads,
+    }
+    out = pathlib.Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp_out.write_text(json.dumps(rec, indent=2) + "\n")
+    os.replace(tmp_out, out)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
