@@ -12,7 +12,11 @@
 #      included);
 #   8. igemm: the masked implicit-GEMM kernel `pallas_gpu_igemm`, tests compiled
 #      on the card, block tuning and benchmark vs `gather`
-#      (benchmarks/gpu_igemm_step.sh, its logs in OUTDIR/igemm/).
+#      (benchmarks/gpu_igemm_step.sh, its logs in OUTDIR/igemm/);
+#   9. determinism: two identical training runs and a killed-and-resumed one,
+#      compared bit for bit (benchmarks/gpu_determinism_step.sh);
+#  10. e2e: the device-only step rate vs `python -m gigassl_jax.train` end to end
+#      at the same batch (benchmarks/bench_e2e.py).
 # Usage, from the repository root:  [GPU_STEPS="kernels train_cli"] benchmarks/gpu_checks.sh OUTDIR
 # GPU_STEPS picks steps (default: all); each step's log and JSON land in OUTDIR;
 # a failing step does not stop the rest.
@@ -29,7 +33,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 
 steps=${GPU_STEPS:-tests gemm kernels train_bench conformance_gather conformance_pallas_gpu \
-  conformance_pairs input train_cli igemm}
+  conformance_pairs input train_cli igemm determinism e2e}
 source "$(dirname "${BASH_SOURCE[0]}")/gpu_step.sh"  # step NAME SECONDS COMMAND...
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
@@ -82,3 +86,6 @@ cp "$run/metrics.jsonl" "$out/train_cli_metrics.jsonl" 2>/dev/null
 
 # Its own sub-steps (IGEMM_STEPS; limits 120 + 150 + 150 + 140 s) stay inside this limit.
 step igemm "${GPU_IGEMM_S:-590}" benchmarks/gpu_igemm_step.sh "$out/igemm"
+step determinism "${GPU_DETERMINISM_S:-300}" benchmarks/gpu_determinism_step.sh "$out/determinism"
+step e2e "${GPU_E2E_S:-300}" python3 benchmarks/bench_e2e.py --batch=256 --steps=50 --warmup=5 \
+  --bank_shape=2048,8,256,256 --out="$out/bench_e2e.json"

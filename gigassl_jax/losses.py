@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -37,7 +39,11 @@ def nt_xent(z1, z2, temperature: float = 0.05, axis_name: str | None = None):
   """
   sim, pos_idx = view_similarities(z1, z2, axis_name)
   logits = sim / temperature
-  pos = jnp.take_along_axis(logits, pos_idx[:, None], axis=1)[:, 0]
+  # A masked row sum, not take_along_axis: the gather's transpose would be a
+  # scatter-add (order not fixed on GPU); a select transposes to a select. One
+  # term per row is non-zero, so the sum is exact and equals the gather.
+  cols = jnp.arange(logits.shape[1])[None, :]
+  pos = jnp.sum(jnp.where(cols == pos_idx[:, None], logits, 0.0), axis=1)
   return jnp.mean(jax.nn.logsumexp(logits, axis=1) - pos)
 
 
@@ -58,8 +64,8 @@ def view_similarities(z1, z2, axis_name: str | None = None):
   if axis_name is None:
     k1, k2, offset, total = a1, a2, 0, n
   else:
-    k1 = jax.lax.all_gather(a1, axis_name, tiled=True)
-    k2 = jax.lax.all_gather(a2, axis_name, tiled=True)
+    k1 = _gather_rows(a1, axis_name)
+    k2 = _gather_rows(a2, axis_name)
     offset = jax.lax.axis_index(axis_name) * n
     total = k1.shape[0]
   anchors = jnp.concatenate([a1, a2])  # [2n, D]
@@ -70,6 +76,31 @@ def view_similarities(z1, z2, axis_name: str | None = None):
   pos_idx = jnp.concatenate([total + offset + i, offset + i])
   cols = jnp.arange(2 * total)[None, :]
   return jnp.where(cols == self_idx[:, None], -jnp.inf, sim), pos_idx
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _gather_rows(x, axis_name):
+  """all_gather(x, tiled) whose transpose is psum + own slice, not a reduce-scatter.
+
+  Same gradient (a reduce-scatter is a sum over devices, then each device's
+  block); over gloo (CPU, several processes) the reduce-scatter of the
+  all_gather's transpose stalled each step ~30 s, an all-reduce does not
+  (experiments/results/scale/multihost.md).
+  """
+  return jax.lax.all_gather(x, axis_name, tiled=True)
+
+
+def _gather_rows_fwd(x, axis_name):
+  return _gather_rows(x, axis_name), x.shape[0]
+
+
+def _gather_rows_bwd(axis_name, n, ct):
+  total = jax.lax.psum(ct, axis_name)
+  start = jax.lax.axis_index(axis_name) * n
+  return (jax.lax.dynamic_slice_in_dim(total, start, n, axis=0),)
+
+
+_gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
 def collapse_level(z):

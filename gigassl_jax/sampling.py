@@ -1,4 +1,4 @@
-"""Host-side view sampling (method.md section 3), free of JAX so worker processes stay light.
+"""Host-side view sampling (docs/method.md section 3), free of JAX so worker processes stay light.
 
 Every random draw is a pure function of (seed, step, position in the global
 batch): which slides a step holds (an epoch-wise shuffle of the bank), and per

@@ -1,4 +1,4 @@
-"""Views of slides for training (method.md section 3): sampling, prefetch, sparse maps.
+"""Views of slides for training (docs/method.md section 3): sampling, prefetch, sparse maps.
 
 Two halves:
   host (numpy): for each step, which slides (an epoch-wise shuffle of the whole

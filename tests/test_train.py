@@ -321,10 +321,14 @@ def test_killed_run_resumes_to_the_same_parameters(bank_dir, reference_run, tmp_
     if (ckpt / str(CKPT)).is_dir():  # orbax renames a finished checkpoint into place
       break
     time.sleep(0.01)
+  exited = proc.poll()
   proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  _, err = proc.communicate()
   done = sorted(int(p.name) for p in ckpt.glob("[0-9]*") if p.name.isdigit())
-  assert done and done[-1] < STEPS, f"the run was not killed mid-way (checkpoints {done})"
+  assert done and done[-1] < STEPS, (
+    f"the run was not killed mid-way (checkpoints {done}, exit status before the kill "
+    f"{exited}): {err.decode(errors='replace')[-2000:]}"
+  )
   res = subprocess.run(
     cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300, check=False
   )
