@@ -23,7 +23,7 @@ bounds the end-to-end rate.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -35,7 +35,7 @@ import time
 import jax
 
 from gigassl_jax import bank as bank_lib
-from gigassl_jax import checkpoint, synthetic, train
+from gigassl_jax import checkpoint, cli, synthetic, train
 from gigassl_jax import config as config_lib
 from gigassl_jax import views as views_lib
 from gigassl_jax.machine import cpu_name
@@ -112,24 +112,31 @@ def device_rate(workdir, steps: int, warmup: int) -> tuple[float, float]:
   return steps * 2 * cfg.train_batch_size / sum(times[warmup:]), input_rate
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--batch", type=int, default=64)
-  p.add_argument("--steps", type=int, default=40, help="timed steps (after the warm-up)")
-  p.add_argument("--warmup", type=int, default=5)
-  p.add_argument("--bank_shape", default="256,4,32,256", help="slides,naug,tiles,dim")
-  p.add_argument("--workers", type=int, default=-1, help="--data_workers of the e2e run")
-  p.add_argument("--train_flag", action="append", default=[], help="extra train flag (repeat)")
-  p.add_argument("--out", default="")
-  a = p.parse_args(argv)
+@dataclasses.dataclass(frozen=True)
+class BenchE2EConfig:
+  """The flags of this script."""
+
+  batch: int = cli.field(64, "Slides per step (2 views each).")
+  steps: int = cli.field(40, "Timed steps (after the warm-up).")
+  warmup: int = cli.field(5, "Untimed first steps.")
+  bank_shape: tuple[int, int, int, int] = cli.field(
+    (256, 4, 32, 256), "Synthetic bank: slides,naug,tiles,dim."
+  )
+  workers: int = cli.field(-1, "--data_workers of the end-to-end run.")
+  train_flag: tuple[str, ...] = cli.field((), "Extra train flags (comma list).")
+  out: str = cli.field("", "Also write the result as JSON here.")
+
+
+def main(argv):
+  del argv
   try:
-    shape = [int(x) for x in a.bank_shape.split(",")]
-    if len(shape) != 4 or min(shape) < 1:
-      raise ValueError
-  except ValueError:
-    print(
-      f"bench_e2e: error: --bank_shape={a.bank_shape} is not slides,naug,tiles,dim", file=sys.stderr
-    )
+    a = cli.from_flags(BenchE2EConfig)
+  except ValueError as e:
+    print(f"bench_e2e: error: {e}", file=sys.stderr)
+    return 2
+  shape = list(a.bank_shape)
+  if min(shape) < 1:
+    print(f"bench_e2e: error: --bank_shape={a.bank_shape} must be 4 positive ints", file=sys.stderr)
     return 2
   if a.batch > shape[0]:
     print(
@@ -142,7 +149,7 @@ def main(argv=None):
     bank = synthetic.make_synthetic_bank(pathlib.Path(tmp) / "bank", *shape, seed=0)
     wd = pathlib.Path(tmp) / "run"
     t0 = time.perf_counter()
-    recs = e2e_run(bank, wd, a.batch, a.warmup + a.steps, a.workers, a.train_flag)
+    recs = e2e_run(bank, wd, a.batch, a.warmup + a.steps, a.workers, list(a.train_flag))
     e2e, n_e2e = e2e_rate(recs, a.batch, a.warmup)
     wall = time.perf_counter() - t0
     dev, inp = device_rate(wd, a.steps, a.warmup)
@@ -187,4 +194,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.define_flags(BenchE2EConfig)
+  cli.run(main)
