@@ -316,7 +316,7 @@ def test_killed_run_resumes_to_the_same_parameters(bank_dir, reference_run, tmp_
   )
   proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   ckpt = tmp_path / "run" / checkpoint.CKPT_DIR
-  deadline = time.time() + 240
+  deadline = time.time() + 480  # the first checkpoint needs a compile: minutes on a loaded CPU
   while time.time() < deadline and proc.poll() is None:
     if (ckpt / str(CKPT)).is_dir():  # orbax renames a finished checkpoint into place
       break
