@@ -418,13 +418,20 @@ def check(cfg: ImportConfig) -> ImportConfig:
 
 
 def merge_repeated(argv: list[str], name: str) -> list[str]:
-  """argv with every `--name=V` merged into one comma list (absl keeps only the last)."""
-  key = f"--{name}="
-  vals = [a[len(key) :] for a in argv if a.startswith(key)]
-  if len(vals) < 2:
-    return argv
-  rest = [a for a in argv if not a.startswith(key)]
-  return rest + [key + ",".join(vals)]
+  """argv with every `--name=V` (or `--name V`) merged into one comma list.
+
+  absl keeps only the last value of a repeated list flag; argparse's `append`
+  kept them all, and the import still does.
+  """
+  vals, rest, it = [], [], iter(argv)
+  for a in it:
+    if a.startswith(f"--{name}="):
+      vals.append(a.split("=", 1)[1])
+    elif a == f"--{name}":
+      vals.append(next(it, ""))
+    else:
+      rest.append(a)
+  return argv if len(vals) < 2 else [*rest, f"--{name}={','.join(vals)}"]
 
 
 def main(argv) -> int:

@@ -62,7 +62,7 @@ def test_missing_input_is_one_line_and_exit_2(cmd, needle):
 
 def test_repeated_features_flags_become_one_comma_list():
   """absl keeps only the last of a repeated list flag; import_features keeps them all."""
-  argv = ["prog", "--features=a,b", "--bank=B", "--features=c"]
+  argv = ["prog", "--features=a,b", "--bank=B", "--features", "c"]
   got = import_features.merge_repeated(argv, "features")
   assert got == ["prog", "--bank=B", "--features=a,b,c"], got
   assert import_features.merge_repeated(argv[:3], "features") == argv[:3]
