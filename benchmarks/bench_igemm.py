@@ -30,7 +30,6 @@ Needs a GPU (exit status 2 otherwise).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import json
@@ -43,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from gigassl_jax.kernels.sparse_conv import bench as kbench
 from gigassl_jax.kernels.sparse_conv import gather, pairs, shapes
+
+from gigassl_jax import cli
 from gigassl_jax.kernels.sparse_conv import pallas_gpu_igemm as igemm
 
 from gigassl_jax.sparse import maps, tables
@@ -241,19 +242,30 @@ def table(result) -> str:
   return "\n".join(lines)
 
 
-def main(argv=None):
-  argv = sys.argv[1:] if argv is None else argv
-  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("--out", required=True, help="JSON file (written atomically)")
-  ap.add_argument("--shapes", default=",".join(shapes.NAMES))
-  ap.add_argument("--tune", action="store_true", help="time the tuning grid instead")
-  ap.add_argument("--configs", default="", help="comma-separated --tune JSON files")
-  ap.add_argument("--repeats", type=int, default=10)
-  a = ap.parse_args(argv)
+@dataclasses.dataclass(frozen=True)
+class IgemmConfig:
+  """The benchmark's flags."""
+
+  out: str = cli.field("", "JSON file (written atomically).", required=True)
+  shapes: str = cli.field(",".join(shapes.NAMES), "Comma list of bench shapes.")
+  tune: bool = cli.field(False, "Time the tuning grid instead.")
+  configs: str = cli.field("", "Comma-separated --tune JSON files.")
+  repeats: int = cli.field(10, "Timed repeats per arm.")
+
+
+def main(argv) -> int:
+  """Runs the comparison (or --tune) of the parsed flags; returns the exit status."""
+  del argv  # the flags hold the settings; the record keeps the command line as given
+  argv = sys.argv[1:]
+  a = cli.from_flags(IgemmConfig)
   names = [s for s in a.shapes.split(",") if s]
   bad = [n for n in names if n not in shapes.NAMES]
   if bad:
-    ap.error(f"--shapes: unknown shape {bad[0]!r}; valid: {','.join(shapes.NAMES)}")
+    print(
+      f"bench_igemm: error: --shapes: unknown shape {bad[0]!r}; valid: {','.join(shapes.NAMES)}",
+      file=sys.stderr,
+    )
+    return 2
   if jax.default_backend() != "gpu":
     print(f"bench_igemm: needs a GPU; the backend is {jax.default_backend()!r}", file=sys.stderr)
     return 2
@@ -277,4 +289,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.define_flags(IgemmConfig)
+  cli.run(main)

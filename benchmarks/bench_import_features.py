@@ -14,7 +14,7 @@ Results: OUT.json (machine, date, commands, seconds, bytes) and OUT.md.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -27,6 +27,8 @@ import time
 
 import h5py
 import numpy as np
+
+from gigassl_jax import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _TMP = [None]  # the scratch folder, shown as $TMP in the results
@@ -71,13 +73,22 @@ def timed(cmd, log):
   return dt
 
 
-def main():
-  p = argparse.ArgumentParser()
-  p.add_argument("--slides", type=int, default=16)
-  p.add_argument("--tiles", type=int, default=3000)
-  p.add_argument("--train_steps", type=int, default=10)
-  p.add_argument("--out", default="experiments/results/import_features_cpu")
-  a = p.parse_args()
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+  """The benchmark's flags."""
+
+  slides: int = cli.field(16, "Synthetic slides per layout.")
+  tiles: int = cli.field(3000, "Mean tiles per slide (0.5x-1.5x).")
+  train_steps: int = cli.field(10, "Training steps of the smoke run.")
+  out: str = cli.field(
+    "experiments/results/import_features_cpu", "Result stem (OUT.json, OUT.md), from the repo root."
+  )
+
+
+def main(argv) -> int:
+  """Times the own-features commands; returns the exit status."""
+  del argv  # the flags hold the settings
+  a = cli.from_flags(BenchConfig)
   py = sys.executable
   log, sizes = [], {}
   with tempfile.TemporaryDirectory() as tmp:
@@ -148,7 +159,9 @@ def main():
     "",
   ]
   out.with_suffix(".md").write_text("\n".join(lines))
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  cli.define_flags(BenchConfig)
+  cli.run(main)

@@ -13,7 +13,7 @@ other jobs they are upper bounds.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -22,6 +22,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from gigassl_jax import cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SLIDE = REPO / "tests" / "fixtures" / "cmu_small_region.svs"
@@ -35,17 +37,24 @@ def _run(cmd: list[str]) -> float:
   return time.perf_counter() - t
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--slides", type=int, default=4, help="copies of the CC0 slide")
-  p.add_argument("--n_aug", type=int, default=8)
-  p.add_argument("--n_tiles", type=int, default=64)
-  p.add_argument("--encoder", default="efficientnet_lite0")
-  p.add_argument("--steps", type=int, default=20, help="training steps (second run: +steps)")
-  p.add_argument("--batch", type=int, default=4)
-  p.add_argument("--n_views", type=int, default=20, help="encode ensemble size")
-  p.add_argument("--out", default="")
-  a = p.parse_args(argv)
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+  """The benchmark's flags."""
+
+  slides: int = cli.field(4, "Copies of the CC0 slide.")
+  n_aug: int = cli.field(8, "Augmentations embedded per slide.")
+  n_tiles: int = cli.field(64, "Tiles per slide and augmentation.")
+  encoder: str = cli.field("efficientnet_lite0", "Tile encoder.")
+  steps: int = cli.field(20, "Training steps (second run: +steps).")
+  batch: int = cli.field(4, "Training batch size.")
+  n_views: int = cli.field(20, "Encode ensemble size.")
+  out: str = cli.field("", "JSON file for the record (none when empty).")
+
+
+def main(argv) -> int:
+  """Times the recipe's commands; returns the exit status."""
+  del argv  # the flags hold the settings
+  a = cli.from_flags(BenchConfig)
   py = sys.executable
   with tempfile.TemporaryDirectory() as d:
     d = pathlib.Path(d)
@@ -104,13 +113,15 @@ def main(argv=None):
       "command": " ".join(["python"] + sys.argv),
       "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
       "machine": f"{cpu_name()} ({os.cpu_count()} cores)",
-      "settings": vars(a),
+      "settings": dataclasses.asdict(a),
       **rows,
     }
     tmp = a.out + ".tmp"
     pathlib.Path(tmp).write_text(json.dumps(rec, indent=2))
     os.replace(tmp, a.out)
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  cli.define_flags(BenchConfig)
+  cli.run(main)

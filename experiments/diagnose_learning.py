@@ -27,7 +27,7 @@ the numbers go to experiments/results/learning/ and docs/train.md.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -43,9 +43,9 @@ import optax
 from flax import nnx
 
 from gigassl_jax import bank as bank_lib
-from gigassl_jax import config as config_lib
 from gigassl_jax import checkpoint as ckpt_lib
-from gigassl_jax import losses, retrieval, train
+from gigassl_jax import cli, losses, retrieval, train
+from gigassl_jax import config as config_lib
 from gigassl_jax import views as views_lib
 
 
@@ -210,22 +210,26 @@ def summarise(paths) -> str:
   return "\n".join(lines)
 
 
-def main(argv=None):
-  if argv is None and len(sys.argv) > 1 and sys.argv[1] == "summarise":
-    print(summarise(sys.argv[2:]))
-    return
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--bank", required=True)
-  ap.add_argument("--out", required=True)
-  ap.add_argument("--steps", type=int, default=30)
-  ap.add_argument("--lrs", default="0.03,0.003,0.0003")
-  ap.add_argument("--taus", default="0.05,0.2")
-  ap.add_argument("--batches", default="16")
-  ap.add_argument("--seed", type=int, default=0)
-  a = ap.parse_args(argv)
+@dataclasses.dataclass(frozen=True)
+class DiagnoseConfig:
+  """The table's flags (comma lists of batches, temperatures and base lrs)."""
+
+  bank: str = cli.field("", "Packed embedding bank.", required=True)
+  out: str = cli.field("", "Result JSON (resumable: finished rows are kept).", required=True)
+  steps: int = cli.field(30, "Training steps per row.")
+  lrs: str = cli.field("0.03,0.003,0.0003", "Comma list of base learning rates.")
+  taus: str = cli.field("0.05,0.2", "Comma list of NT-Xent temperatures.")
+  batches: str = cli.field("16", "Comma list of batch sizes.")
+  seed: int = cli.field(0, "Initialisation and view-stream seed.")
+
+
+def main(argv) -> int:
+  """Trains every (batch, tau, lr) row of the parsed flags; returns the exit status."""
+  del argv  # the flags hold the settings
+  a = cli.from_flags(DiagnoseConfig)
   if not (pathlib.Path(a.bank) / bank_lib.PACKED_DIR).is_dir():
-    print(f"--bank={a.bank}: no packed bank there", file=sys.stderr)
-    sys.exit(2)
+    print(f"diagnose_learning: error: --bank={a.bank}: no packed bank there", file=sys.stderr)
+    return 2
   out = pathlib.Path(a.out)
   res = {
     "command": " ".join(["python", *sys.argv]),
@@ -260,7 +264,12 @@ def main(argv=None):
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
         tmp.write_text(json.dumps(res, indent=1))
         os.replace(tmp, out)
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  if len(sys.argv) > 1 and sys.argv[1] == "summarise":  # a subcommand with no flags
+    print(summarise(sys.argv[2:]))
+  else:
+    cli.define_flags(DiagnoseConfig)
+    cli.run(main)

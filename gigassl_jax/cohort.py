@@ -46,6 +46,8 @@ import sys
 
 import numpy as np
 
+from gigassl_jax import cli
+
 CLASSES = ("stroma_rich", "tumour_rich")
 _SOURCES = {
   "stroma": ("stroma_cmu_dermis_1.jpg", "stroma_cmu_dermis_2.jpg", "stroma_cmu_dermis_3.jpg"),
@@ -494,30 +496,37 @@ def _print_identity(bank_dir, max_tiles: int):
   print(json.dumps(out, indent=1))
 
 
-def main(argv=None):
-  import argparse  # pylint: disable=import-outside-toplevel
+@dataclasses.dataclass(frozen=True)
+class CohortFlags:
+  """The command line: a new cohort (make_cohort's CohortConfig), or --identity_of=BANK."""
 
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--out", help="output folder of a new cohort")
-  ap.add_argument("--n_per_class", type=int, default=16)
-  ap.add_argument("--grid", type=int, default=12)
-  ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument(
-    "--identity_of",
-    help="instead: print the identity retrieval of this embedding bank (every pair of "
-    "augmentation files) as JSON",
+  out: str | None = cli.field(None, "Output folder of a new cohort.")
+  n_per_class: int = cli.field(CohortConfig.n_per_class, "Slides per class.")
+  grid: int = cli.field(CohortConfig.grid, "Slide side in 224-pixel cells.")
+  seed: int = cli.field(CohortConfig.seed, "Everything random derives from it.")
+  identity_of: str | None = cli.field(
+    None,
+    "Instead: print the identity retrieval of this embedding bank (every pair of "
+    "augmentation files) as JSON.",
   )
-  ap.add_argument("--max_tiles", type=int, default=0, help="with --identity_of: tiles per file")
-  a = ap.parse_args(argv)
+  max_tiles: int = cli.field(0, "With --identity_of: tiles per file.")
+
+
+def main(argv) -> int:
+  """A new cohort in --out, or the identity retrieval of --identity_of; the exit status."""
+  del argv  # the flags hold the settings
+  a = cli.from_flags(CohortFlags)
   if a.identity_of:
     _print_identity(a.identity_of, a.max_tiles)
-    return
+    return 0
   if not a.out:
-    print("cohort: --out is required (or --identity_of=BANK)", file=sys.stderr)
-    sys.exit(2)
+    print("cohort: error: --out is required (or --identity_of=BANK)", file=sys.stderr)
+    return 2
   labels = make_cohort(CohortConfig(out=a.out, n_per_class=a.n_per_class, grid=a.grid, seed=a.seed))
   print(f"cohort: {labels}", file=sys.stderr)
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  cli.define_flags(CohortFlags)
+  cli.run(main)

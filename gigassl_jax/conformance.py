@@ -16,6 +16,7 @@ compares at full float32 precision, set per run (a context), never globally.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import pathlib
 import sys
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gigassl_jax import losses, models
+from gigassl_jax import cli, losses, models
 from gigassl_jax.kernels.sparse_conv import api as conv_api
 from gigassl_jax.sparse import layers, maps, tables
 
@@ -432,34 +433,38 @@ def run(directory, tol: float = 1e-4, implementation: str | None = None, out=sys
   return rows, n_ok == len(rows)
 
 
-def main(argv=None):
-  import argparse
+F = cli.field
 
-  p = argparse.ArgumentParser(
-    prog="python -m gigassl_jax.conformance", description=__doc__.split("\n\n")[0]
+
+@dataclasses.dataclass(frozen=True)
+class ConformanceConfig:
+  """The runner's flags; the golden folder DIR is the one positional argument."""
+
+  tol: float = F(1e-4, "Max relative error (abs err / max |ref|) per file.")
+  implementation: str | None = F(
+    None, f"Sparse-conv implementation ({', '.join(sorted(conv_api.IMPLEMENTATIONS))})."
   )
-  p.add_argument("directory", help="folder of SparseConvNet golden *.npz files")
-  p.add_argument(
-    "--tol", type=float, default=1e-4, help="max relative error (abs err / max |ref|) per file"
-  )
-  p.add_argument(
-    "--implementation",
-    default=None,
-    help=f"sparse-conv implementation ({', '.join(sorted(conv_api.IMPLEMENTATIONS))})",
-  )
-  a = p.parse_args(argv)
+
+
+def main(argv) -> int:
+  """argv: [program, DIR] (absl leaves the positional); returns the exit status."""
+  if len(argv) != 2:
+    print(f"conformance: error: give one golden folder DIR, got {argv[1:]}", file=sys.stderr)
+    return 2
+  cfg = cli.from_flags(ConformanceConfig)
   try:
-    conv_api.resolve(a.implementation)
+    conv_api.resolve(cfg.implementation)
   except ValueError as e:
-    print(f"error: --implementation: {e}", file=sys.stderr)
+    print(f"conformance: error: --implementation: {e}", file=sys.stderr)
     return 2
   try:
-    _, ok = run(a.directory, a.tol, a.implementation)
+    _, ok = run(argv[1], cfg.tol, cfg.implementation)
   except FileNotFoundError as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"conformance: error: {e}", file=sys.stderr)
     return 2
   return 0 if ok else 1
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.define_flags(ConformanceConfig)
+  cli.run(main)

@@ -33,7 +33,6 @@ input, 130 on Ctrl-C (rerun the same command to resume).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -107,10 +106,10 @@ def find_sources(folders: list[str], fmt: str) -> dict[str, list[Source | None]]
   return {sid: [f.get(sid) for f in per_folder] for sid in ids}
 
 
-def _clam_patch_size(patches: pathlib.Path | None, slide: str) -> float | None:
-  if patches is None:
+def _clam_patch_size(patches: str | pathlib.Path | None, slide: str) -> float | None:
+  if not patches:
     return None
-  p = patches / f"{slide}.h5"
+  p = pathlib.Path(patches) / f"{slide}.h5"
   if not p.is_file():
     return None
   try:
@@ -355,7 +354,7 @@ def run(cfg) -> int:
   _write_json(
     bank / MANIFEST,
     {
-      "features": cfg.features,
+      "features": list(cfg.features),
       "n_slides": len(sources),
       "n_imported": len(ok),
       "seconds": round(time.time() - t0, 2),
@@ -372,81 +371,95 @@ def run(cfg) -> int:
   return 0
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):
-    print(f"import_features: {message}", file=sys.stderr)
-    sys.exit(2)
+F = cli.field
 
 
-def parse(argv):
-  p = _Parser(prog="python -m gigassl_jax.import_features", description=__doc__.split("\n")[0])
-  p.add_argument(
-    "--features",
-    action="append",
-    required=True,
-    help="folder(s) of h5 files, comma-separated or repeated; one per augmentation (required)",
+@dataclasses.dataclass(frozen=True)
+class ImportConfig:
+  """The import's settings (one absl flag per field, same name)."""
+
+  features: tuple[str, ...] = F(
+    (), "Folder(s) of h5 files, comma-separated or repeated; one per augmentation.", required=True
   )
-  p.add_argument("--bank", required=True, help="output bank directory (required)")
-  p.add_argument(
-    "-v",
-    "--verbosity",
-    type=int,
-    default=None,
-    help="show library log messages (e.g. -v 0 for INFO); quiet when not given",
+  bank: str = F("", "Output bank directory.", required=True)
+  format: str = F("auto", "Feature layout.", choices=FORMATS)
+  patch_size_level0: float | None = F(
+    None, "Patch side in level-0 px (CLAM; overrides TRIDENT's attribute)."
   )
-  p.add_argument("--format", default="auto", choices=FORMATS)
-  p.add_argument(
-    "--patch_size_level0",
-    type=float,
-    default=None,
-    help="patch side in level-0 px (CLAM; overrides TRIDENT's attribute)",
-  )
-  p.add_argument("--patches", default=None, help="CLAM's patching h5 folder (patch size)")
-  p.add_argument("--pca_dim", type=int, default=256, help="PCA output dim; 0 = no PCA")
-  p.add_argument("--pca", default=None, help="a PCA file (ours .npz, or a scikit-learn pickle)")
-  p.add_argument("--pca_sample", type=int, default=65536, help="tiles to fit the PCA on")
-  p.add_argument("--n_tiles", type=int, default=256, help="tiles kept per slide and augmentation")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--no_progress", action="store_true")
-  cfg = p.parse_args(argv)  # fmt: skip
-  cfg.features = [f for arg in cfg.features for f in arg.split(",") if f]
-  if not cfg.features:
-    p.error("--features: no folder given")
+  patches: str | None = F(None, "CLAM's patching h5 folder (patch size).")
+  pca_dim: int = F(256, "PCA output dim; 0 = no PCA.")
+  pca: str | None = F(None, "A PCA file (ours .npz, or a scikit-learn pickle).")
+  pca_sample: int = F(65536, "Tiles to fit the PCA on.")
+  n_tiles: int = F(256, "Tiles kept per slide and augmentation.")
+  seed: int = F(0, "Seed of the tile draw and the PCA sample.")
+  no_progress: bool = F(False, "No progress bars.")
+
+
+def check(cfg: ImportConfig) -> ImportConfig:
+  """cfg with --features split on commas.
+
+  Raises:
+    InputError: naming the bad flag.
+  """
+  features = tuple(f for arg in cfg.features for f in arg.split(",") if f)
+  if not features:
+    raise InputError("--features: no folder given")
   if cfg.n_tiles < 1:
-    p.error(f"--n_tiles must be >= 1, got {cfg.n_tiles}")
+    raise InputError(f"--n_tiles must be >= 1, got {cfg.n_tiles}")
   if cfg.pca_dim < 0 or cfg.pca_sample < 2:
-    p.error(f"--pca_dim must be >= 0 and --pca_sample >= 2, got {cfg.pca_dim}, {cfg.pca_sample}")
-  if cfg.patch_size_level0 is not None and cfg.patch_size_level0 <= 0:
-    p.error(f"--patch_size_level0 must be > 0, got {cfg.patch_size_level0}")
-  if cfg.pca and not os.path.isfile(cfg.pca):
-    p.error(f"--pca={cfg.pca}: no such file")
-  cfg.patches = pathlib.Path(cfg.patches) if cfg.patches else None
-  return cfg
-
-
-def main(argv=None) -> int:
-  cfg = parse(sys.argv[1:] if argv is None else argv)
-  cli.quiet_logs(cfg.verbosity is not None)
-
-  def work():
-    try:
-      return run(cfg)
-    except InputError as e:
-      print(f"import_features: {e}", file=sys.stderr)
-      return 2
-    except OSError as e:  # e.g. an unwritable --bank: one line, exit 2
-      print(f"import_features: {e}", file=sys.stderr)
-      return 2
-
-  def resume_hint():
-    n = len(bank_lib.finished_slides(cfg.bank))
-    return (
-      f"{n} slides finished in {cfg.bank} (kept); re-run the same command to import "
-      "the rest (finished slides are skipped)"
+    raise InputError(
+      f"--pca_dim must be >= 0 and --pca_sample >= 2, got {cfg.pca_dim}, {cfg.pca_sample}"
     )
+  if cfg.patch_size_level0 is not None and cfg.patch_size_level0 <= 0:
+    raise InputError(f"--patch_size_level0 must be > 0, got {cfg.patch_size_level0}")
+  if cfg.pca and not os.path.isfile(cfg.pca):
+    raise InputError(f"--pca={cfg.pca}: no such file")
+  return dataclasses.replace(cfg, features=features)
 
-  return cli.supervise("import_features", work, resume_hint)
+
+def merge_repeated(argv: list[str], name: str) -> list[str]:
+  """argv with every `--name=V` (or `--name V`) merged into one comma list.
+
+  absl keeps only the last value of a repeated list flag; argparse's `append`
+  kept them all, and the import still does.
+  """
+  vals, rest, it = [], [], iter(argv)
+  for a in it:
+    if a.startswith(f"--{name}="):
+      vals.append(a.split("=", 1)[1])
+    elif a == f"--{name}":
+      vals.append(next(it, ""))
+    else:
+      rest.append(a)
+  return argv if len(vals) < 2 else [*rest, f"--{name}={','.join(vals)}"]
+
+
+def main(argv) -> int:
+  """The import from the parsed flags; returns the exit status (cli.run adds Ctrl-C and timing)."""
+  del argv  # the flags hold the settings
+  try:
+    cfg = check(cli.from_flags(ImportConfig))
+    return run(cfg)
+  except (InputError, ValueError) as e:
+    print(f"import_features: error: {e}", file=sys.stderr)
+    return 2
+  except OSError as e:  # e.g. an unwritable --bank: one line, exit 2
+    print(f"import_features: error: {e}", file=sys.stderr)
+    return 2
+
+
+def resume_hint() -> str:
+  """What Ctrl-C leaves behind (finished slides are kept) and how to resume."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+
+  bank = flags.FLAGS.bank
+  n = len(bank_lib.finished_slides(bank))
+  return (
+    f"{n} slides finished in {bank} (kept); re-run the same command to import "
+    "the rest (finished slides are skipped)"
+  )
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.define_flags(ImportConfig)
+  cli.run(main, merge_repeated(sys.argv, "features"), resume_hint=resume_hint)

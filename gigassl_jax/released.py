@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gigassl_jax import models, pca, pth
+from gigassl_jax import cli, models, pca, pth
 
 POOL_KEY = "net.mil_model.sparse_pooling.0."
 PREFIXES = ("backbone.mil.", "backbone.", "")  # newest first; "" = already stripped
@@ -240,22 +240,25 @@ def export(
   pth.save({"config": cfg, "state_dict": state_dict(pool)}, path)
 
 
-def main(argv=None) -> int:
-  import argparse  # pylint: disable=import-outside-toplevel
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+  """`python -m gigassl_jax.released`: export a training run's pooling network in the
+  released Giga-SSL layout."""
 
-  p = argparse.ArgumentParser(
-    prog="python -m gigassl_jax.released",
-    description="Export a training run's pooling network in the released Giga-SSL layout.",
-  )
-  p.add_argument("--workdir", required=True, help="a training run directory")
-  p.add_argument("--out", required=True, help="output .pth file")
-  args = p.parse_args(argv)
+  workdir: str = cli.field("", "A training run directory.", required=True)
+  out: str = cli.field("", "Output .pth file.", required=True)
+
+
+def main(argv) -> int:
+  """Exports the parsed --workdir's pooling network to --out; returns the exit status."""
+  del argv  # the flags hold the settings
+  args = cli.from_flags(ExportConfig)
   from gigassl_jax import checkpoint  # pylint: disable=import-outside-toplevel
 
   try:
     model, cfg = checkpoint.restore_model(args.workdir)
   except (FileNotFoundError, ValueError) as e:
-    print(f"--workdir={args.workdir}: {e}", file=sys.stderr)
+    print(f"released: error: --workdir={args.workdir}: {e}", file=sys.stderr)
     return 2
   export(
     model.pool,
@@ -268,4 +271,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.define_flags(ExportConfig)
+  cli.run(main)

@@ -27,6 +27,8 @@ import zlib
 
 import numpy as np
 
+from gigassl_jax import cli
+
 
 class EvalError(ValueError):
   """Bad evaluation input; the message names the file and row."""
@@ -579,20 +581,26 @@ def leak_markdown(summary: list) -> str:
   return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-  import argparse  # pylint: disable=import-outside-toplevel
+@dataclasses.dataclass(frozen=True)
+class LeaksConfig:
+  """`python -m gigassl_jax.splits --leaks=DIR [--out=OUT]`: the leak count's flags."""
+
+  leaks: str = cli.field(
+    "",
+    "Folder with tables/{task}.csv (ID,label,case_id) and splitdirs/{task}/...",
+    required=True,
+  )
+  out: str | None = cli.field(None, "Write OUT.json (every split) and OUT.md (summary table).")
+
+
+def main(argv) -> int:
+  """Counts the leaks of the parsed --leaks folder; returns the exit status."""
   import datetime  # pylint: disable=import-outside-toplevel
   import json  # pylint: disable=import-outside-toplevel
   import platform  # pylint: disable=import-outside-toplevel
 
-  ap = argparse.ArgumentParser(prog="python -m gigassl_jax.splits")
-  ap.add_argument(
-    "--leaks",
-    required=True,
-    help="folder with tables/{task}.csv (ID,label,case_id) and splitdirs/{task}/...",
-  )
-  ap.add_argument("--out", help="write OUT.json (every split) and OUT.md (summary table)")
-  args = ap.parse_args(argv)
+  del argv  # the flags hold the settings
+  args = cli.from_flags(LeaksConfig)
   try:
     rows = count_leaks(args.leaks)
   except EvalError as e:
@@ -601,7 +609,7 @@ def main(argv=None) -> int:
   summary = leak_summary(rows)
   md = leak_markdown(summary)
   if args.out:
-    cmd = "python -m gigassl_jax.splits " + " ".join(sys.argv[1:] if argv is None else argv)
+    cmd = " ".join(["python -m gigassl_jax.splits", *sys.argv[1:]])
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     machine = (
       f"{platform.node() or 'unknown'} ({platform.machine()}, Python {platform.python_version()})"
@@ -627,4 +635,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  cli.define_flags(LeaksConfig)
+  cli.run(main)

@@ -40,7 +40,7 @@ relative to the same-FLOP GEMM (1 = at the compute limit).
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -54,7 +54,7 @@ import numpy as np
 from flax import nnx
 from gigassl_jax.kernels.sparse_conv import api, pairs, reference_arm, shapes
 
-from gigassl_jax import models
+from gigassl_jax import cli, models
 from gigassl_jax.sparse import coord_augment, maps, tables
 from gigassl_jax.machine import cpu_name as _cpu_name
 
@@ -479,37 +479,52 @@ def _threads(r):
   return f"{os.cpu_count()} (XLA)" if r["device"].startswith("cpu") else "-"
 
 
-def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("--out", required=True, help="JSON file for the records")
-  ap.add_argument("--shapes", default="train,slide16k,slide100k")
-  ap.add_argument("--impls", default=",".join(i for i in api.IMPLEMENTATIONS if i not in SKIP))
-  ap.add_argument("--pairs_tiles", default="", help="extra pairs tile sizes, e.g. 128,512")
-  ap.add_argument("--spconv_threads", default="1,2")
-  ap.add_argument(
-    "--spconv_device",
-    default="auto",
-    choices=("auto", "cpu", "cuda"),
-    help="auto: cuda when JAX runs on a GPU (the peer on the same card)",
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+  """The bench's flags (comma lists stay strings: they are recorded as given)."""
+
+  out: str = cli.field("", "JSON file for the records.", required=True)
+  shapes: str = cli.field("train,slide16k,slide100k", "Comma list of bench shapes.")
+  impls: str = cli.field(
+    ",".join(i for i in api.IMPLEMENTATIONS if i not in SKIP), "Comma list of implementations."
   )
-  ap.add_argument("--repeats", type=int, default=5)
-  ap.add_argument("--reference_scn", default="", help="SparseConvNet checkout built in place")
-  ap.add_argument("--reference_gigassl", default="", help="trislaz/gigassl checkout")
-  ap.add_argument("--reference_threads", type=int, default=2, help="torch threads (reference)")
-  a = ap.parse_args(argv)
+  pairs_tiles: str = cli.field("", "Extra pairs tile sizes, e.g. 128,512.")
+  spconv_threads: str = cli.field("1,2", "Comma list of spconv torch thread counts.")
+  spconv_device: str = cli.field(
+    "auto",
+    "auto: cuda when JAX runs on a GPU (the peer on the same card).",
+    choices=("auto", "cpu", "cuda"),
+  )
+  repeats: int = cli.field(5, "Timed repeats per row.")
+  reference_scn: str = cli.field("", "SparseConvNet checkout built in place.")
+  reference_gigassl: str = cli.field("", "trislaz/gigassl checkout.")
+  reference_threads: int = cli.field(2, "Torch threads (reference).")
+
+
+def _usage_error(message: str) -> int:
+  print(f"bench: error: {message}", file=sys.stderr)
+  return 2
+
+
+def main(argv) -> int:
+  """Runs the bench of the parsed flags; returns the exit status."""
+  del argv  # the flags hold the settings
+  a = cli.from_flags(BenchConfig)
   if bool(a.reference_scn) != bool(a.reference_gigassl):
-    ap.error("--reference_scn and --reference_gigassl go together")
+    return _usage_error("--reference_scn and --reference_gigassl go together")
   reference = (
     (a.reference_scn, a.reference_gigassl, a.reference_threads) if a.reference_scn else None
   )
   names = [s for s in a.shapes.split(",") if s]
   for n in names:
     if n not in shapes.NAMES:
-      ap.error(f"unknown shape {n!r}; valid: {shapes.NAMES}")
+      return _usage_error(f"--shapes: unknown shape {n!r}; valid: {shapes.NAMES}")
   impls = [i for i in a.impls.split(",") if i]
   for i in impls:
     if i not in api.IMPLEMENTATIONS:
-      ap.error(f"unknown implementation {i!r}; valid: {sorted(api.IMPLEMENTATIONS)}")
+      return _usage_error(
+        f"--impls: unknown implementation {i!r}; valid: {sorted(api.IMPLEMENTATIONS)}"
+      )
   tiles = [int(t) for t in a.pairs_tiles.split(",") if t]
   threads = [int(t) for t in a.spconv_threads.split(",") if t]
   machine = f"{_device()} ({_cpu_name()}, {os.cpu_count()} cpus), jax {jax.__version__}"
@@ -534,7 +549,9 @@ def main(argv=None):
     json.dump(result, f, indent=1)
   os.replace(tmp, a.out)  # atomic: a killed run leaves no half-written file
   print(table(records))
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  cli.define_flags(BenchConfig)
+  cli.run(main)

@@ -8,6 +8,7 @@ as the JAX arms:
         --batch_npz=FILE --threads=2 --repeats=5
 
 prints one JSON line: {"seconds": [...], "part", "threads", "scn_commit", "gigassl_commit"}.
+Keeps argparse, not gigassl_jax.cli: a child-process entry point that imports no gigassl_jax.
 
 part=step: one training step of the reference (`simclr.SimCLRMIL` around
 `networks.FullSparseConvMIL`: two forward passes, its NT-Xent, backward, Adam),
