@@ -151,10 +151,11 @@ def test_rejects_malicious_first_pickle(tmp_path):
   assert marker.exists()
 
 
-def test_not_a_checkpoint(tmp_path):
+@pytest.mark.parametrize("seed", [0, 1])
+def test_not_a_checkpoint(tmp_path, seed):
   path = tmp_path / "noise.pth"
-  path.write_bytes(np.random.default_rng().bytes(300))
-  with pytest.raises(pickle.UnpicklingError, match="noise.pth"):
+  path.write_bytes(np.random.default_rng(seed).bytes(300))
+  with pytest.raises(pickle.UnpicklingError, match="noise.pth"):  # seed in the test id
     pth.load(path)
 
 
