@@ -281,6 +281,8 @@ def changed_flags(saved: Config, cfg: Config) -> list[str]:
   are left out.
   """
   allowed = RESUME_FREE | set(cfg.train_allow_changed_flags)
+  if saved.data_cell == 0:  # written before train.run resolved it from the bank
+    allowed = allowed | {"data_cell"}
   return [
     f.name
     for f in dataclasses.fields(Config)

@@ -377,8 +377,14 @@ def run(cfg: config_lib.Config) -> dict:
       f"{reader.path} holds {reader.feature_dim}-d embeddings"
     )
   cfg = cfg.replace(model_in_features=reader.feature_dim)
-  if cfg.data_cell == 0:  # the grid cell from the bank's patch size (docs/own-features.md)
-    cfg = cfg.replace(data_cell=bank_lib.grid_cell_for(bank_lib.bank_patch_size_level0(reader)))
+  if cfg.data_cell == 0:  # a resumed run keeps its cell; a new one takes the bank's
+    saved_cell = (
+      config_lib.read(workdir).data_cell if (workdir / config_lib.CONFIG_JSON).exists() else 0
+    )
+    cfg = cfg.replace(
+      data_cell=saved_cell
+      or bank_lib.grid_cell_for(bank_lib.bank_patch_size_level0(reader))  # docs/own-features.md
+    )
   n_dev = jax.device_count()
   if cfg.train_batch_size % n_dev:
     raise ValueError(
