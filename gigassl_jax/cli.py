@@ -293,7 +293,15 @@ def run(
   def wrapped(args):
     # --verbosity (-v) given explicitly asks for the library logs.
     quiet_logs("verbosity" in flags.FLAGS and flags.FLAGS["verbosity"].present)
-    return supervise(prog, lambda: main(args), resume_hint)
+    rc = supervise(prog, lambda: main(args), resume_hint)
+    if rc == 130:
+      # Interrupted: finished work is already on disk (atomic writes). Leave
+      # without running finalizers: an OpenSlide handle destroyed while a reader
+      # thread still holds a tile aborts the process (openslide tiffcache assert).
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(130)
+    return rc
 
   app.run(wrapped, argv=argv, flags_parser=_parse_or_exit_2)
 
