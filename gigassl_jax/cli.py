@@ -20,10 +20,12 @@ no default is ever written twice.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import pathlib
+import signal
 import sys
 import time
 import types
@@ -245,9 +247,17 @@ def supervise(
     main's status, or 130 after Ctrl-C.
   """
   t0 = time.monotonic()
+  interrupted = False
+  rc = 0
   try:
-    rc = main() or 0
+    with _interrupt_recorded() as was_interrupted:
+      rc = main() or 0
+      # Ctrl-C landing inside a finalizer (a weakref or GC callback) is swallowed
+      # by Python and the work ran on: it still counts as an interrupt.
+      interrupted = was_interrupted()
   except KeyboardInterrupt:
+    interrupted = True
+  if interrupted:
     hint = resume_hint() if callable(resume_hint) else resume_hint
     print(
       f"\n{prog}: interrupted after {time.monotonic() - t0:.0f} s; {hint or GENERIC_RESUME}",
@@ -257,6 +267,39 @@ def supervise(
   if rc == 0:
     print(f"{prog}: done in {time.monotonic() - t0:.1f} s", file=sys.stderr)
   return rc
+
+
+@contextlib.contextmanager
+def _interrupt_recorded():
+  """Records every SIGINT (raised as KeyboardInterrupt as usual) and yields `was_interrupted()`.
+
+  Python cannot raise into a finalizer: a KeyboardInterrupt that lands in a
+  weakref or GC callback is printed as "Exception ignored" and dropped. Inside
+  this context such a dropped interrupt is silent and remembered instead.
+  Outside the main thread (no signal handlers there) it records nothing.
+  """
+  seen = []
+
+  def on_sigint(signum, frame):
+    seen.append(signum)
+    raise KeyboardInterrupt
+
+  def on_unraisable(u):
+    if not (seen and isinstance(u.exc_value, KeyboardInterrupt)):
+      old_hook(u)
+
+  try:
+    old_handler = signal.signal(signal.SIGINT, on_sigint)
+  except ValueError:  # not the main thread
+    yield lambda: False
+    return
+  old_hook = sys.unraisablehook
+  sys.unraisablehook = on_unraisable
+  try:
+    yield lambda: bool(seen)
+  finally:
+    signal.signal(signal.SIGINT, old_handler)
+    sys.unraisablehook = old_hook
 
 
 def run(

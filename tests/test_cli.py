@@ -1,9 +1,12 @@
 """One config source: absl flags generated from a dataclass (gigassl_jax.cli), and --help."""
 
 import dataclasses
+import os
 import re
+import signal
 import subprocess
 import sys
+import weakref
 
 import pytest
 from absl import flags
@@ -116,6 +119,33 @@ def test_supervise_turns_ctrl_c_into_130_and_times_success(capsys):
   assert re.fullmatch(r"prog: done in \d+\.\d s", capsys.readouterr().err.strip())
   assert cli.supervise("prog", lambda: 1) == 1  # a failure prints no "done"
   assert capsys.readouterr().err == ""
+
+
+def test_ctrl_c_swallowed_by_a_finalizer_still_counts_as_an_interrupt(capsys):
+  """Python drops a KeyboardInterrupt raised inside a weakref callback ("Exception
+  ignored") and the work runs on; supervise must still report the interrupt, quietly."""
+
+  class Thing:
+    pass
+
+  def main():
+    def callback(_):
+      os.kill(os.getpid(), signal.SIGINT)  # the handler runs at the next bytecode: in here
+      for _ in range(10_000):
+        pass
+
+    thing = Thing()
+    ref = weakref.ref(thing, callback)
+    del thing  # the callback runs now (CPython refcounting)
+    assert ref() is None
+    return 0
+
+  assert cli.supervise("prog", main) == 130
+  err = capsys.readouterr().err
+  assert "Exception ignored" not in err and "Traceback" not in err, err
+  assert err.strip().startswith("prog: interrupted after 0 s; "), err
+  # The handler and hook are restored afterwards.
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_required_flags_are_marked_in_the_help():
