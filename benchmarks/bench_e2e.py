@@ -5,10 +5,12 @@ r"""End-to-end training rate vs the device-only step rate, at the same batch, in
 
 1. e2e: `python -m gigassl_jax.train --flagfile=experiments/base.flags` on a
    synthetic bank (made once in a temporary directory), --train_log_every=1, as
-   a child process; its metrics.jsonl gives each step's wall time (the time
-   between two steps' metrics, which includes waiting for the input). The first
-   `warmup` steps (compilation, the prefetch queue filling) are excluded; the
-   rate is views / total time of the remaining steps.
+   a child process, once per input path of --paths (`device`: the bank
+   resident on the devices, views gathered in the step; `stream`: records read
+   on the host; --data_resident); its metrics.jsonl gives each step's wall
+   time (the time between two steps' metrics, which includes waiting for the
+   input). The first `warmup` steps (compilation, the prefetch queue filling)
+   are excluded; the rate is views / total time of the remaining steps.
 2. device: in this process, the same run's config (read from its config.json),
    the same jitted training step (train.make_train_step) on batches of the same
    bank already on the device, timed step by step with block_until_ready after
@@ -16,7 +18,8 @@ r"""End-to-end training rate vs the device-only step rate, at the same batch, in
 
 Prints a table and, with --out, writes {"device", "batch", "device_views_per_s",
 "e2e_views_per_s", "ratio", "input_views_per_s", "command", "date", "threads",
-...} as JSON. 3. input only: reading 8 batches on the host (sampler.local_batch,
+"paths": {path: {"e2e_views_per_s", "ratio"}}, ...} as JSON; e2e_views_per_s
+and ratio are those of the first of --paths (the default path first). 3. input only: reading 8 batches on the host (sampler.local_batch,
 the training program's reader), timed, shows whether the input or the device
 bounds the end-to-end rate.
 """
@@ -123,6 +126,9 @@ class BenchE2EConfig:
     (256, 4, 32, 256), "Synthetic bank: slides,naug,tiles,dim."
   )
   workers: int = cli.field(-1, "--data_workers of the end-to-end run.")
+  paths: tuple[str, ...] = cli.field(
+    ("device", "stream"), "Input paths timed end to end (--data_resident values), comma list."
+  )
   train_flag: tuple[str, ...] = cli.field((), "Extra train flags (comma list).")
   out: str = cli.field("", "Also write the result as JSON here.")
 
@@ -138,6 +144,12 @@ def main(argv):
   if min(shape) < 1:
     print(f"bench_e2e: error: --bank_shape={a.bank_shape} must be 4 positive ints", file=sys.stderr)
     return 2
+  bad = sorted(set(a.paths) - {"device", "stream"})
+  if bad or not a.paths:
+    print(
+      f"bench_e2e: error: --paths={','.join(a.paths)}: use device and/or stream", file=sys.stderr
+    )
+    return 2
   if a.batch > shape[0]:
     print(
       f"bench_e2e: error: --batch={a.batch} exceeds the {shape[0]} slides of --bank_shape",
@@ -147,11 +159,13 @@ def main(argv):
 
   with tempfile.TemporaryDirectory() as tmp:
     bank = synthetic.make_synthetic_bank(pathlib.Path(tmp) / "bank", *shape, seed=0)
-    wd = pathlib.Path(tmp) / "run"
-    t0 = time.perf_counter()
-    recs = e2e_run(bank, wd, a.batch, a.warmup + a.steps, a.workers, list(a.train_flag))
-    e2e, n_e2e = e2e_rate(recs, a.batch, a.warmup)
-    wall = time.perf_counter() - t0
+    e2e = {}
+    for path in a.paths:
+      wd = pathlib.Path(tmp) / f"run_{path}"
+      t0 = time.perf_counter()
+      extra = [f"--data_resident={path}", *a.train_flag]
+      recs = e2e_run(bank, wd, a.batch, a.warmup + a.steps, a.workers, extra)
+      e2e[path] = (*e2e_rate(recs, a.batch, a.warmup), time.perf_counter() - t0)
     dev, inp = device_rate(wd, a.steps, a.warmup)
 
   device = str(jax.devices()[0].device_kind)
@@ -162,21 +176,30 @@ def main(argv):
     f"(auto: {'threads' if (os.cpu_count() or 1) < 8 else 'processes'}); "
     f"load average at the end {os.getloadavg()[0]:.1f}"
   )
-  ratio = e2e / dev
   print(f"# bench_e2e: {device}, {jax.device_count()} device(s), batch {a.batch}; {threads}")
-  print(f"{'arm':<12} {'views/s':>10} {'steps':>6}")
-  print(f"{'device':<12} {dev:>10.0f} {a.steps:>6}")
-  print(f"{'e2e':<12} {e2e:>10.0f} {n_e2e:>6}  (train program, {wall:.0f} s incl. compile)")
-  print(f"{'input only':<12} {inp:>10.0f} {8:>6}  (reading views on the host, no device)")
-  print(f"{'ratio':<12} {ratio:>10.2f}")
+  print(f"{'arm':<14} {'views/s':>10} {'steps':>6} {'/ device':>9}")
+  print(f"{'device':<14} {dev:>10.0f} {a.steps:>6} {1:>9.2f}  (the jitted step alone)")
+  for path, (rate, n, wall) in e2e.items():
+    what = "bank on the devices" if path == "device" else "records read on the host"
+    print(
+      f"{'e2e ' + path:<14} {rate:>10.0f} {n:>6} {rate / dev:>9.2f}  "
+      f"(train program, --data_resident={path}: {what}; {wall:.0f} s incl. compile)"
+    )
+  print(f"{'input only':<14} {inp:>10.0f} {8:>6} {inp / dev:>9.2f}  (reading on the host alone)")
+  first = a.paths[0]
   if a.out:
     rec = {
       "device": device,
       "devices": jax.device_count(),
       "batch": a.batch,
       "device_views_per_s": dev,
-      "e2e_views_per_s": e2e,
-      "ratio": ratio,
+      "e2e_views_per_s": e2e[first][0],
+      "ratio": e2e[first][0] / dev,
+      "e2e_path": first,
+      "paths": {
+        p: {"e2e_views_per_s": r, "ratio": r / dev, "steps_timed": n}
+        for p, (r, n, _) in e2e.items()
+      },
       "input_views_per_s": inp,
       "steps_timed": a.steps,
       "warmup": a.warmup,

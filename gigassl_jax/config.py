@@ -34,7 +34,8 @@ SYNTHETIC = "synthetic"
 PRECISIONS = ("default", "high", "highest")
 # Flags that do not change what a run computes: a resume may change them freely.
 RESUME_FREE = frozenset({
-  "workdir", "data_prefetch", "data_read_threads", "data_workers", "model_conv_impl",
+  "workdir", "data_prefetch", "data_read_threads", "data_workers", "data_resident",
+  "data_resident_fraction", "model_conv_impl",
   "model_table_builder", "train_log_every", "train_ckpt_every", "train_ckpt_keep",
   "train_progress", "train_allow_changed_flags", "dist_init", "dist_coordinator",
   "dist_num_processes", "dist_process_id", "dist_cpu_collectives",
@@ -72,6 +73,17 @@ class Config:
     -1,
     "Processes reading bank records; 0 = threads of the training process; -1 = auto "
     "(cores - 2, at most 32, on a machine with >= 8 cores, else 0).",
+  )
+  data_resident: str = F(
+    "auto",
+    "Where training keeps the bank: device = loaded once onto the devices, views gathered "
+    "inside the jitted step; stream = records read on the host every step; auto = device "
+    "when this process's shard fits --data_resident_fraction of its devices' memory "
+    "(host RAM on CPU). Same views, same result either way.",
+    choices=["auto", "device", "stream"],
+  )
+  data_resident_fraction: float = F(
+    0.75, "Share of the devices' memory (host RAM on CPU) a resident bank may take (auto)."
   )
   data_synthetic_shape: tuple[int, int, int, int] = F(
     (64, 4, 32, 32), "slides,naug,tiles,dim of the bank made for --data_bank=synthetic."
@@ -210,6 +222,10 @@ class Config:
       len(self.data_synthetic_shape) == 4 and min(self.data_synthetic_shape) >= 1,
       f"--data_synthetic_shape must be 4 positive ints (slides, naug, tiles, dim), "
       f"got {self.data_synthetic_shape}",
+    )
+    need(
+      0 < self.data_resident_fraction <= 1,
+      f"--data_resident_fraction must be in (0, 1], got {self.data_resident_fraction}",
     )
     need(self.data_prefetch >= 1, f"--data_prefetch must be >= 1, got {self.data_prefetch}")
     need(

@@ -40,6 +40,7 @@ from gigassl_jax import bank as bank_lib
 from gigassl_jax import checkpoint as ckpt_lib
 from gigassl_jax import cli
 from gigassl_jax import config as config_lib
+from gigassl_jax import resident as resident_lib
 from gigassl_jax import views as views_lib
 from gigassl_jax import losses, retrieval, sampling, synthetic
 from gigassl_jax.sparse import coord_augment
@@ -161,11 +162,15 @@ def make_grad_step(graphdef, cfg: config_lib.Config, mesh):
   )
 
 
-def make_train_step(graphdef, cfg: config_lib.Config, tx, mesh):
+def make_train_step(graphdef, cfg: config_lib.Config, tx, mesh, resident: bool = False):
   """The jitted data-parallel training step `(state, batch) -> (state, metrics)`.
 
   batch (global arrays sharded over `data`): feats [B, 2, T, F], xy int32
   [B, 2, T, 2], position int32 [B] (see views.ViewSampler.local_batch).
+  resident=True: `(state, bank, idx) -> (state, metrics)` instead, the bank
+  on the devices (resident.load, sharded over `data`) and idx the replicated
+  draws of the global batch (resident.step_indices); the step gathers its
+  views (resident.gather_views), the same batch the streaming path reads.
   metrics: loss (global mean over the 2B anchors), collapse (of the first
   views' projections, whole batch), top1 (batch view retrieval of the
   projections, global batch), grad_norm; all replicated scalars.
@@ -186,9 +191,22 @@ def make_train_step(graphdef, cfg: config_lib.Config, tx, mesh):
     }
     return new, {"loss": loss, **aux, "grad_norm": _tree_norm(grads)}
 
-  sharded = jax.shard_map(
-    body, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()), check_vma=False
-  )
+  if resident:
+
+    def resident_body(state, bank, idx):
+      return body(state, resident_lib.gather_views(bank, idx, AXIS))
+
+    sharded = jax.shard_map(
+      resident_body,
+      mesh=mesh,
+      in_specs=(P(), P(AXIS), P()),
+      out_specs=(P(), P()),
+      check_vma=False,
+    )
+  else:
+    sharded = jax.shard_map(
+      body, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()), check_vma=False
+    )
   return jax.jit(sharded, donate_argnums=0)
 
 
@@ -390,6 +408,10 @@ def run(cfg: config_lib.Config) -> dict:
     raise ValueError(
       f"--train_batch_size={cfg.train_batch_size} is not divisible by the {n_dev} devices"
     )
+  mesh = make_mesh()
+  where = resident_lib.decide(reader, mesh, cfg.data_resident, cfg.data_resident_fraction)
+  if is_main:
+    print(f"train: bank {reader.path}: {where.reason}", file=sys.stderr)
   sampler = views_lib.ViewSampler(
     reader,
     batch_size=cfg.train_batch_size,
@@ -399,6 +421,7 @@ def run(cfg: config_lib.Config) -> dict:
     process_count=jax.process_count(),
     read_threads=cfg.data_read_threads,
     workers=sampling.auto_workers(cfg.data_workers),
+    stream=not where.resident,
   )
   spe = sampler.steps_per_epoch
   total = cfg.train_steps if cfg.train_steps > 0 else max(1, round(cfg.train_epochs * spe))
@@ -416,7 +439,6 @@ def run(cfg: config_lib.Config) -> dict:
     config_lib.write(cfg, workdir)
 
   # --- model, optimiser, state (restored if a checkpoint exists) ----------
-  mesh = make_mesh()
   model = ckpt_lib.build_model(
     cfg, reader.feature_dim, bn_axis_name=AXIS if cfg.model_sync_bn else None
   )
@@ -431,16 +453,19 @@ def run(cfg: config_lib.Config) -> dict:
     log.info("resumed from the checkpoint of step %d", start)
   else:
     state = put_replicated(state, mesh)
-  train_step = make_train_step(graphdef, cfg, tx, mesh)
+  train_step = make_train_step(graphdef, cfg, tx, mesh, resident=where.resident)
+  if where.resident:
+    bank = resident_lib.load(reader, mesh, AXIS, progress=is_main and cfg.train_progress)
+    step_fn = train_step
+    train_step = lambda state, idx: step_fn(state, bank, idx)  # noqa: E731
+    make_batch = functools.partial(resident_lib.step_indices, sampler)
+    put = functools.partial(put_replicated, mesh=mesh)
+  else:
+    make_batch = sampler.local_batch
+    put = functools.partial(put_batch, mesh=mesh)
 
   # --- loop: prefetch, step, metrics one step behind, checkpoints ---------
-  prefetch = views_lib.Prefetcher(
-    sampler.local_batch,
-    start,
-    total,
-    cfg.data_prefetch,
-    put=functools.partial(put_batch, mesh=mesh),
-  )
+  prefetch = views_lib.Prefetcher(make_batch, start, total, cfg.data_prefetch, put=put)
   metrics = Metrics(workdir, start, is_main)
   views_per_step = 2 * cfg.train_batch_size
   chance = chance_levels(cfg.train_batch_size)

@@ -33,7 +33,8 @@ class ViewSampler:
 
   Reading uses `workers` processes (sampling.ReaderPool; the same views as
   threads, faster on many-core hosts) or, with workers=0, `read_threads`
-  threads of this process.
+  threads of this process; with stream=False (a bank resident on the devices)
+  it reads nothing and only draws (`slides`, `draws`).
 
   Attributes:
     steps_per_epoch: len(bank) // batch_size (the last partial batch of an
@@ -51,6 +52,7 @@ class ViewSampler:
     process_count: int = 1,
     read_threads: int = 8,
     workers: int = 0,
+    stream: bool = True,
   ):
     n = len(reader)
     if batch_size > n:
@@ -68,11 +70,13 @@ class ViewSampler:
     self.steps_per_epoch = n // batch_size
     self.local_size = batch_size // process_count
     self.local_start = process_index * self.local_size
-    self._views = (
-      sampling.ReaderPool(reader.path, workers)
-      if workers > 0
-      else sampling.ThreadReader(reader, read_threads)
-    )
+    self._views = None  # stream=False: the bank is on the devices (resident.py), no reading
+    if stream:
+      self._views = (
+        sampling.ReaderPool(reader.path, workers)
+        if workers > 0
+        else sampling.ThreadReader(reader, read_threads)
+      )
 
   def slides(self, step: int) -> np.ndarray:
     """int64 [B]: slide indices of the global batch of `step`."""
@@ -105,7 +109,8 @@ class ViewSampler:
     }
 
   def close(self):
-    self._views.close()
+    if self._views is not None:
+      self._views.close()
 
 
 class Prefetcher:

@@ -49,6 +49,7 @@ LAYERS = {
   "views": STATE,
   "data": STATE,
   "sampling": STATE,
+  "resident": STATE,
   "checkpoint": STATE,
   "reps": STATE,
   "synthetic": STATE,

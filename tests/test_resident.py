@@ -1,0 +1,106 @@
+"""The bank resident on the devices (gigassl_jax.resident): same views, same run, as streaming.
+
+The test process has 8 CPU devices (conftest.py), so the bank is sharded over
+8 devices here, with padding when the slides do not divide.
+"""
+
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from gigassl_jax import bank as bank_lib
+from gigassl_jax import checkpoint as ckpt_lib
+from gigassl_jax import resident, synthetic, train
+from gigassl_jax import views as views_lib
+from test_determinism import _cfg, _final_state, _metrics
+
+SHAPE = (13, 3, 12, 32)  # 13 slides: padded to 16 on 8 devices
+
+
+@pytest.mark.parametrize("seed", [11])
+def test_gathered_views_equal_the_streamed_views(tmp_path, seed):
+  """gather_views on 8 devices = what the host reads (sampler.local_batch), bit for bit."""
+  bank = synthetic.make_synthetic_bank(tmp_path / "bank", *SHAPE, seed=seed)
+  reader = bank_lib.open_bank(bank)
+  mesh = train.make_mesh()
+  assert mesh.devices.size == 8, "conftest gives 8 CPU devices"
+  sampler = views_lib.ViewSampler(reader, batch_size=8, tiles=5, seed=seed)
+  on_device = resident.load(reader, mesh, train.AXIS, chunk=3)  # several chunks per device
+  assert on_device["feats"].shape == (16, 3, 12, 32)
+  gather = jax.jit(
+    jax.shard_map(
+      lambda b, i: resident.gather_views(b, i, train.AXIS),
+      mesh=mesh,
+      in_specs=(P(train.AXIS), P()),
+      out_specs=P(train.AXIS),
+      check_vma=False,
+    )
+  )
+  try:
+    for step in (0, 1, 7):  # 7: a later epoch (1 step per epoch here), another shuffle
+      want = sampler.local_batch(step)
+      idx = train.put_replicated(resident.step_indices(sampler, step), mesh)
+      got = jax.device_get(gather(on_device, idx))
+      for k in ("feats", "xy", "position"):
+        np.testing.assert_array_equal(got[k], want[k], err_msg=f"seed={seed} step={step} {k}")
+  finally:
+    sampler.close()
+
+
+@pytest.mark.parametrize("seed", [12])
+def test_resident_and_streaming_runs_are_bitwise_equal_and_resume_exactly(tmp_path, seed):
+  """3 steps resident = 3 steps streamed = 2 streamed + 1 resident after a resume, bitwise.
+
+  The input state is the step alone, so a resume is exact on both paths, and
+  --data_resident may change between a run and its resume.
+  """
+  bank = synthetic.make_synthetic_bank(tmp_path / "bank", *SHAPE, seed=seed)
+  train.run(_cfg(bank, tmp_path / "device", seed, data_resident="device"))
+  stream = _cfg(bank, tmp_path / "stream", seed, data_resident="stream")
+  stream = stream.replace(train_ckpt_every=1)
+  train.run(stream)
+  a, b = _final_state(tmp_path / "device"), _final_state(tmp_path / "stream")
+  assert a.keys() == b.keys(), f"seed={seed}"
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=f"seed={seed} {k}")
+  ma, mb = _metrics(tmp_path / "device"), _metrics(tmp_path / "stream")
+  assert len(ma) == 3 and ma == mb, f"seed={seed}: {ma} vs {mb}"
+  # Forget the last step's checkpoint: the run resumes from step 2, resident now.
+  # A marker in step 1's record: a resumed run keeps the records up to its
+  # checkpoint, a run that started over would rewrite it.
+  shutil.rmtree(tmp_path / "stream" / ckpt_lib.CKPT_DIR / "3")
+  metrics = tmp_path / "stream" / train.METRICS
+  lines = metrics.read_text().splitlines()
+  metrics.write_text(
+    "\n".join([lines[0].replace('"step": 1,', '"step": 1, "marker": 1,')] + lines[1:]) + "\n"
+  )
+  train.run(stream.replace(data_resident="device"))
+  mc = _metrics(tmp_path / "stream")
+  assert mc[0].pop("marker", None) == 1, f"seed={seed}: the run did not resume: {mc[0]}"
+  assert mc == ma, f"seed={seed}: {mc} vs {ma}"
+  c = _final_state(tmp_path / "stream")
+  for k in a:
+    np.testing.assert_array_equal(a[k], c[k], err_msg=f"seed={seed} resumed {k}")
+
+
+def test_decide_follows_the_flag_and_the_budget(tmp_path):
+  bank = synthetic.make_synthetic_bank(tmp_path / "bank", *SHAPE, seed=0)
+  reader = bank_lib.open_bank(bank)
+  mesh = train.make_mesh()
+  per_slide = 3 * 12 * (2 * 32 + 8)
+  assert resident.slide_bytes(reader) == per_slide
+  forced = resident.decide(reader, mesh, "device", 1e-12)
+  assert forced.resident and "--data_resident=device" in forced.reason
+  assert forced.shard_bytes == 16 * per_slide  # 13 slides padded to 16, all devices local
+  assert not resident.decide(reader, mesh, "stream", 1.0).resident
+  memory = resident.devices_memory_bytes(list(mesh.devices.flat))
+  assert memory and memory > 0, "MemAvailable should be readable on Linux"
+  fits = 16 * per_slide / memory  # the fraction at which the shard exactly fits
+  assert resident.decide(reader, mesh, "auto", min(1.0, 100 * fits)).resident
+  small = resident.decide(reader, mesh, "auto", fits / 100)
+  assert not small.resident and "does not fit" in small.reason
+  with pytest.raises(ValueError, match="--data_resident"):
+    resident.decide(reader, mesh, "gpu", 0.5)
