@@ -8,10 +8,11 @@ more distinct tiles than that), reads each distinct tile of a chunk once on a
 shared thread pool (OpenSlide releases the GIL), in the order the batches first
 need them, so batch k is ready as soon as its own tiles are in. A producer thread
 prepares the next slide (level, mask, grid, draws: the caller's `prepare`) and
-submits its reads while the device encodes this one. Held at once: the tiles of at
-most two chunks (the one being encoded and the next, possibly of the next slide;
-so at most the budget, or one batch's tiles when a batch alone is larger), and at
-most two prepared slides (this one and the next).
+submits its reads while the device encodes this one. A chunk's reads start only
+when its tiles fit in the budget beside those held (the chunk being encoded and
+the ones read ahead; half the budget each, so the next chunk is always read while
+one is encoded), or when nothing is held (a single batch larger than the budget);
+at most two slides are prepared at once (this one and the next).
 
 The tiles handed out are the very arrays a per-batch read gives, in the same
 order, so the bank does not depend on the budget, the threads or the chunking.
