@@ -17,7 +17,10 @@ end-to-end run used). Stages:
 * read one slide's draws: what embed's reader (gigassl_jax/embed_reading.py) hands
   the device for one slide at the DEFAULT 50 x 256 draws (each distinct tile read
   once): mask + grid + draws + reads, in tiles handed out per second;
-* augment; encode (encoder only, batches of `n_tiles`);
+* augment; encode (encoder only, batches of `n_tiles`); device only (what embed
+  runs on the device per batch: host-to-device put + augment + encode + fetch; on
+  CPU the augmentation shares the cores with the encoder, so end to end cannot
+  beat this);
 * end to end: `embed.run` over `e2e_slides` names of the slide (each its own draws,
   so the next slide's reading overlaps this one's encoding) at `n_aug` x `n_tiles`,
   after a 1-batch warm-up run (compilation), and the ratio end to end / encoder only
@@ -44,7 +47,8 @@ import warnings
 import jax
 import numpy as np
 
-from gigassl_jax import augment, cli, embed, embed_reading, encoders, slides, synthetic
+from gigassl_jax import augment, cli, embed, embed_device, embed_reading, encoders, slides
+from gigassl_jax import synthetic
 from gigassl_jax.machine import cpu_name
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -164,7 +168,8 @@ def main(argv):
   plan = slides.choose_level(s, 224, magnification=10)
   grid, _ = slides.tile_grid(s.dimensions, plan.extent, mask, ds)
   with slides.TileReader(s, plan, threads) as reader:
-    tiles = jax.device_put(reader.read(grid[rng.integers(0, len(grid), n)]))
+    host_tiles = reader.read(grid[rng.integers(0, len(grid), n)])
+  tiles = jax.device_put(host_tiles)
   s.close()
   keys = iter(jax.random.split(jax.random.key(0), 1000))
   rate = _median_rate(
@@ -181,10 +186,19 @@ def main(argv):
     def encode(enc=enc):
       enc.apply(enc.params, images).block_until_ready()
 
-    encode()  # warm-up
+    # What embed runs on the device per batch: put + augment + encode + fetch.
+    dev = embed_device.TileEncoderDevice(enc, encode_batch=n, n_tiles=n, tile_size=224, seed=0)
+    batch_index = iter(range(10**6))
+
+    def on_device(dev=dev):
+      np.asarray(dev.embed(host_tiles, "bench", next(batch_index)))
+
+    encode()  # warm-ups
+    on_device()
     # Timed before and after the end-to-end run: a load change on a shared machine
     # then weighs on both sides of the ratio alike.
     enc_times = _times(encode, args.repeats)
+    dev_times = _times(on_device, args.repeats)
     work = pathlib.Path(tempfile.mkdtemp(prefix="bench_embed_"))
     try:
       (work / "slides").mkdir()
@@ -203,18 +217,24 @@ def main(argv):
     finally:
       shutil.rmtree(work, ignore_errors=True)
     enc_rate = n / statistics.median(enc_times + _times(encode, args.repeats))
+    dev_rate = n / statistics.median(dev_times + _times(on_device, args.repeats))
     rows.append((f"encode {name}", f"batch {n}, F={enc.feature_dim}", enc_rate,
                      3600 * enc_rate / DEFAULT_DRAWS))  # fmt: skip
+    rows.append((f"device only {name}", f"embed's device part: put + augment + encode, batch {n}",
+                     dev_rate, 3600 * dev_rate / DEFAULT_DRAWS))  # fmt: skip
     rows.append((
             f"end to end {name}",
             f"{args.e2e_slides} slides x {args.n_aug} x {n} tiles: mask + read + augment + "
             "encode + write", e2e, 3600 * e2e / DEFAULT_DRAWS,
         ))  # fmt: skip
     rows.append(("", f"end to end / encoder only ({name})", e2e / enc_rate, None))
+    rows.append(("", f"end to end / device only ({name})", e2e / dev_rate, None))
     results[name] = {
       "encoder_tiles_per_s": enc_rate,
       "e2e_tiles_per_s": e2e,
       "ratio": e2e / enc_rate,
+      "device_tiles_per_s": dev_rate,
+      "ratio_to_device": e2e / dev_rate,
       "encoder_slides_per_hour": 3600 * enc_rate / DEFAULT_DRAWS,
       "e2e_slides_per_hour": 3600 * e2e / DEFAULT_DRAWS,
     }
