@@ -4,7 +4,9 @@ For every slide: choose the read level (target magnification / mpp), compute the
 tissue mask and the tile grid, draw Naug batches of Nt tissue tiles uniformly with
 replacement, apply ONE shared augmentation per batch, encode with the frozen tile
 encoder and store the float16 embeddings with the level-0 tile coordinates
-(docs/method.md sections 1-2). Tile reads of batch k + 1 run in threads while batch k
+(docs/method.md sections 1-2). The host side runs ahead of the device
+(embed_reading.SlideStream): each distinct tile of a slide is read once, by a thread
+pool, within --read_cache_mb, and the next slide is prepared and read while this one
 is augmented and encoded.
 
 Reliability:
@@ -38,7 +40,7 @@ import numpy as np
 from absl import flags
 
 from gigassl_jax import bank as bank_lib
-from gigassl_jax import cli, embed_device, embed_manifest
+from gigassl_jax import cli, embed_device, embed_manifest, embed_reading
 from gigassl_jax import slides as slides_lib
 from gigassl_jax.embed_listing import default_shards, list_slides, shard, slide_id
 from gigassl_jax.embed_manifest import THUMB_DIR, manifest, write_manifest, write_status
@@ -69,6 +71,11 @@ class EmbedConfig:
   num_shards: int | None = F(None, "Processes sharing the slides (default: JAX process count).")
   shard_index: int | None = F(None, "This process's share (default: JAX process index).")
   read_threads: int | None = F(None, "Tile-reading threads (default 2 x cores, at most 32).")
+  read_cache_mb: float = F(
+    2048,
+    "Host memory for read tiles (MiB): each distinct tile of a slide is read once when half "
+    "of this holds them, else in chunks of batches; the other half reads ahead.",
+  )
   encode_batch: int = F(256, "Tiles per encoder call.")
   thumbnails: bool = F(True, "Write thumbnails/<id>.png with the tissue mask and tile grid.")
   pack: bool = F(True, "Pack the bank when no slide is pending.")
@@ -80,13 +87,12 @@ class EmbedConfig:
 # One slide.
 
 
-def embed_slide(
-  path: pathlib.Path, cfg: EmbedConfig, device: embed_device.TileEncoderDevice, progress=None
-) -> dict:
-  """Embeds one slide into the bank; returns its status record (raises SlideError)."""
-  bank = pathlib.Path(cfg.bank)
+def prepare_slide(path: pathlib.Path, cfg: EmbedConfig) -> embed_reading.Prepared:
+  """Opens a slide, chooses its level, computes mask, grid and draws, writes the thumbnail.
+
+  Runs in the reading thread, ahead of the device (raises SlideError; closes the slide then).
+  """
   sid = slide_id(path)
-  t0 = time.time()
   slide = slides_lib.open_slide(path)
   try:
     plan = slides_lib.choose_level(
@@ -100,62 +106,72 @@ def embed_slide(
     )
     if cfg.thumbnails:
       embed_manifest.write_thumbnail(
-        bank / THUMB_DIR / f"{sid}.png", rgb, mask, mask_ds, grid, plan.extent
+        pathlib.Path(cfg.bank) / THUMB_DIR / f"{sid}.png", rgb, mask, mask_ds, grid, plan.extent
       )
     if len(grid) == 0:
       raise slides_lib.SlideError(
         f"{path}: no tissue: no tile has a tissue fraction > {cfg.tissue_tolerance} "
         f"(tissue mask covers {mask.mean():.2%} of the low-resolution image)"
       )
-    idx = embed_device.sample_tiles(len(grid), cfg.n_aug, cfg.n_tiles, cfg.seed, sid)
-    coords = grid[idx]  # [Naug, Nt, 2]
-    feats = []
-    with slides_lib.TileReader(slide, plan, cfg.read_threads) as reader:
-
-      def submit(k):
-        # Each distinct tile of a batch is read once.
-        uniq, inv = np.unique(idx[k], return_inverse=True)
-        return reader.submit(grid[uniq]), inv.reshape(-1)
-
-      pending = submit(0)
-      for k in range(cfg.n_aug):
-        tiles_future, inv = pending
-        tiles = tiles_future.result()[inv]
-        if k + 1 < cfg.n_aug:
-          pending = submit(k + 1)  # read ahead while the device works
-        feats.append(device.embed(tiles, sid, k))
-        if len(feats) > 1:  # wait for the previous batch only: keeps one in flight
-          feats[-2] = np.asarray(feats[-2])
-          if progress is not None:
-            progress.update(cfg.n_tiles)
-      feats[-1] = np.asarray(feats[-1])
-      if progress is not None:
-        progress.update(cfg.n_tiles)
-    emb = np.stack(feats)  # [Naug, Nt, F] float16
-    meta = {
-      **_run_settings(cfg),
-      "encoder": device.encoder.name,
-      "weights_id": device.encoder.weights_id,
-      "feature_dim": int(emb.shape[-1]),
-      "path": str(path),
-      "dimensions": list(slide.dimensions),
-      "level": plan.level,
-      "level_mpp": plan.level_mpp,
-      "mpp": plan.tile_mpp,
-      "read_size": plan.read_size,
-      "tile_size": plan.tile_size,
-      "extent": plan.extent,
-      "n_tissue_tiles": int(len(grid)),
-      "augment": dataclasses.asdict(device.aug_cfg),
-      "warnings": plan.warning or "",
-    }
-    bank_lib.write_slide(bank, sid, emb, coords, meta)
-  finally:
+  except BaseException:
     slide.close()
+    raise
+  idx = embed_device.sample_tiles(len(grid), cfg.n_aug, cfg.n_tiles, cfg.seed, sid)
+  return embed_reading.Prepared(slide, plan, grid, idx, {"sid": sid, "path": path})
+
+
+def embed_slide(
+  stream: embed_reading.SlideStream,
+  item: embed_reading.SlideItem,
+  cfg: EmbedConfig,
+  device: embed_device.TileEncoderDevice,
+  progress=None,
+) -> dict:
+  """Encodes one prepared slide from its read tiles into the bank; returns its status record.
+
+  Raises:
+    SlideError (or whatever its preparation raised).
+  """
+  if item.error is not None:
+    raise item.error
+  prep = item.prepared
+  sid, path, plan, grid, slide = prep.info["sid"], item.path, prep.plan, prep.grid, prep.slide
+  feats = []
+  for chunk in stream.chunks(item):
+    for k in range(chunk.k0, chunk.k1):
+      feats.append(device.embed(chunk.tiles(k), sid, k))
+      if len(feats) > 1:  # wait for the previous batch only: keeps one in flight
+        feats[-2] = np.asarray(feats[-2])
+        if progress is not None:
+          progress.update(cfg.n_tiles)
+  if len(feats) != cfg.n_aug:  # the stream stopped early: never write a partial slide
+    raise RuntimeError(f"{path}: {len(feats)} of {cfg.n_aug} batches read")
+  feats[-1] = np.asarray(feats[-1])
+  if progress is not None:
+    progress.update(cfg.n_tiles)
+  emb = np.stack(feats)  # [Naug, Nt, F] float16
+  meta = {
+    **_run_settings(cfg),
+    "encoder": device.encoder.name,
+    "weights_id": device.encoder.weights_id,
+    "feature_dim": int(emb.shape[-1]),
+    "path": str(path),
+    "dimensions": list(slide.dimensions),
+    "level": plan.level,
+    "level_mpp": plan.level_mpp,
+    "mpp": plan.tile_mpp,
+    "read_size": plan.read_size,
+    "tile_size": plan.tile_size,
+    "extent": plan.extent,
+    "n_tissue_tiles": int(len(grid)),
+    "augment": dataclasses.asdict(device.aug_cfg),
+    "warnings": plan.warning or "",
+  }
+  bank_lib.write_slide(pathlib.Path(cfg.bank), sid, emb, grid[prep.idx], meta)
   return {
         "slide_id": sid, "path": str(path), "status": "done", "reason": "",
         "warnings": plan.warning or "", "n_tissue_tiles": int(len(grid)), "level": plan.level,
-        "tile_mpp": plan.tile_mpp, "seconds": round(time.time() - t0, 2),
+        "tile_mpp": plan.tile_mpp, "seconds": round(time.time() - item.t0, 2),
     }  # fmt: skip
 
 
@@ -217,6 +233,8 @@ def run(cfg: EmbedConfig) -> dict:
   all_paths = list_slides(cfg.slides)
   if not all_paths:
     raise FileNotFoundError(f"--slides={cfg.slides}: no slide found")
+  if not cfg.read_cache_mb > 0:
+    raise ValueError(f"--read_cache_mb={cfg.read_cache_mb}: must be positive")
   if cfg.weights and not os.path.isfile(cfg.weights):
     raise FileNotFoundError(f"--weights={cfg.weights}: no such file")
   # A given weights file is read now (a bad one is refused before any folder is made);
@@ -256,26 +274,37 @@ def run(cfg: EmbedConfig) -> dict:
             total=len(todo) * cfg.n_aug * cfg.n_tiles, unit="tile", unit_scale=True,
             disable=not cfg.progress, dynamic_ncols=True, smoothing=0.1,
         )  # fmt: skip
-    for path in todo:
-      sid = slide_id(path)
-      progress.set_postfix_str(sid[-30:])
-      before = progress.n
-      try:
-        record = embed_slide(path, cfg, device, progress)
-        done.append(sid)
-      except Exception as e:  # noqa: BLE001 - a bad slide must never stop the run
-        reason = (
-          str(e) if isinstance(e, slides_lib.SlideError) else (f"{path}: {type(e).__name__}: {e}")
-        )
-        record = {"slide_id": sid, "path": str(path), "status": "failed", "reason": reason,
-                          "warnings": ""}  # fmt: skip
-        if not isinstance(e, slides_lib.SlideError):
-          record["traceback"] = traceback.format_exc()
-        failed[sid] = reason
-        # Count the slide's tiles as processed so the ETA stays right.
-        progress.update(cfg.n_aug * cfg.n_tiles - (progress.n - before))
-        tqdm.write(f"FAILED {sid}: {reason}", file=sys.stderr)
-      write_status(bank, record)
+    stream = embed_reading.SlideStream(
+      todo,
+      lambda p: prepare_slide(p, cfg),
+      tile_bytes=cfg.tile_size * cfg.tile_size * 3,
+      budget_bytes=int(cfg.read_cache_mb * 2**20),
+      threads=cfg.read_threads,
+    )
+    with stream:
+      for item in stream:
+        path = item.path
+        sid = slide_id(path)
+        progress.set_postfix_str(sid[-30:])
+        before = progress.n
+        try:
+          record = embed_slide(stream, item, cfg, device, progress)
+          done.append(sid)
+        except Exception as e:  # noqa: BLE001 - a bad slide must never stop the run
+          reason = (
+            str(e) if isinstance(e, slides_lib.SlideError) else f"{path}: {type(e).__name__}: {e}"
+          )
+          record = {"slide_id": sid, "path": str(path), "status": "failed", "reason": reason,
+                            "warnings": ""}  # fmt: skip
+          if not isinstance(e, slides_lib.SlideError):
+            record["traceback"] = item.traceback or traceback.format_exc()
+          failed[sid] = reason
+          # Count the slide's tiles as processed so the ETA stays right.
+          progress.update(cfg.n_aug * cfg.n_tiles - (progress.n - before))
+          tqdm.write(f"FAILED {sid}: {reason}", file=sys.stderr)
+        finally:
+          stream.finish(item)
+        write_status(bank, record)
     progress.close()
 
   # The manifest covers every listed slide; pack when none is pending.

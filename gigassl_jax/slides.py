@@ -273,19 +273,31 @@ def _to_rgb(rgba: np.ndarray) -> np.ndarray:
   return (rgb * a + 255 * (1 - a)).round().astype(np.uint8)
 
 
+def default_read_threads() -> int:
+  """Tile-reading threads when none are asked for: 2 x cores, at most 32."""
+  return min(32, (os.cpu_count() or 1) * 2)
+
+
 class TileReader:
-  """Reads tiles of one slide in a thread pool.
+  """Reads tiles of one slide in a thread pool (its own, or a shared one it does not close).
 
   Usage:
     with TileReader(slide, plan, threads=8) as reader:
       tiles = reader.read(coords)  # uint8 [B, tile_size, tile_size, 3]
   """
 
-  def __init__(self, slide: openslide.OpenSlide, plan: ReadPlan, threads: int | None = None):
+  def __init__(
+    self,
+    slide: openslide.OpenSlide,
+    plan: ReadPlan,
+    threads: int | None = None,
+    pool: concurrent.futures.ThreadPoolExecutor | None = None,
+  ):
     self.slide = slide
     self.plan = plan
-    self.threads = threads or min(32, (os.cpu_count() or 1) * 2)
-    self._pool = concurrent.futures.ThreadPoolExecutor(self.threads)
+    self.threads = threads or default_read_threads()  # with `pool`: the pool's, as told
+    self._own_pool = pool is None
+    self._pool = pool or concurrent.futures.ThreadPoolExecutor(self.threads)
 
   def read_one(self, xy: tuple[int, int]) -> np.ndarray:
     """One tile at level-0 (x, y): uint8 [tile_size, tile_size, 3]."""
@@ -318,7 +330,8 @@ class TileReader:
     return self.submit(coords).result()
 
   def close(self):
-    self._pool.shutdown(wait=True, cancel_futures=True)
+    if self._own_pool:
+      self._pool.shutdown(wait=True, cancel_futures=True)
 
   def __enter__(self):
     return self
