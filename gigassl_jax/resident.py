@@ -194,8 +194,9 @@ def gather_views(bank: dict, idx: dict, axis: str) -> dict:
   """This device's share of the batch, gathered from the sharded bank (inside shard_map).
 
   Every device gathers the rows of the global batch that its bank shard holds
-  (zeros for the others), and a psum_scatter over `axis` hands each device its
-  own slides: exact, since every element is one value plus zeros.
+  (zeros for the others); a psum over `axis` completes the batch on every
+  device (exact: every element is one value plus zeros) and each keeps its
+  own slides.
 
   Args:
     bank: this device's shard, feats float16 [S/D, K, N, F], xy int32 [S/D, K, N, 2].
@@ -216,8 +217,11 @@ def gather_views(bank: dict, idx: dict, axis: str) -> dict:
   mask = own[:, None, None, None]
   feats = jnp.where(mask, bank["feats"][s, a, t], jnp.zeros((), bank["feats"].dtype))
   xy = jnp.where(mask, bank["xy"][s, a, t], 0)
-  feats = jax.lax.psum_scatter(feats, axis, scatter_dimension=0, tiled=True)
-  xy = jax.lax.psum_scatter(xy, axis, scatter_dimension=0, tiled=True)
-  b_local = feats.shape[0]
-  position = jax.lax.dynamic_slice_in_dim(idx["position"], d * b_local, b_local)
-  return {"feats": feats, "xy": xy, "position": position}
+  # An all-reduce, then this device's slice: a reduce-scatter (psum_scatter)
+  # would move less, but stalls ~30 s per step across processes on gloo
+  # (docs/scale.md, "Several processes").
+  b_local = feats.shape[0] // jax.lax.axis_size(axis)
+  mine = lambda x: jax.lax.dynamic_slice_in_dim(x, d * b_local, b_local)  # noqa: E731
+  feats = mine(jax.lax.psum(feats, axis))
+  xy = mine(jax.lax.psum(xy, axis))
+  return {"feats": feats, "xy": xy, "position": mine(idx["position"])}
