@@ -41,7 +41,7 @@ from gigassl_jax import bank as bank_lib
 from gigassl_jax import checkpoint, cli, synthetic, train
 from gigassl_jax import config as config_lib
 from gigassl_jax import views as views_lib
-from gigassl_jax.machine import cpu_name
+from gigassl_jax.machine import cpu_name, write_result
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -208,11 +208,7 @@ def main(argv):
       "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
       "threads": threads,
     }
-    out = pathlib.Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp_out.write_text(json.dumps(rec, indent=2) + "\n")
-    os.replace(tmp_out, out)
+    write_result(a.out, rec)
   return 0
 
 

@@ -34,7 +34,6 @@ machine (CPU model, cores, load average at start and end).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 import shutil
@@ -49,7 +48,7 @@ import numpy as np
 
 from gigassl_jax import augment, cli, embed, embed_device, embed_reading, encoders, slides
 from gigassl_jax import synthetic
-from gigassl_jax.machine import cpu_name
+from gigassl_jax.machine import cpu_name, write_result
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_DRAWS = 50 * 256  # embed's default n_aug x n_tiles: what slides/hour is quoted at
@@ -284,11 +283,7 @@ def main(argv):
         "jax": jax.__version__,
       },
     }
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp_out.write_text(json.dumps(rec, indent=2) + "\n")
-    os.replace(tmp_out, out)
+    write_result(args.out, rec)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import tempfile
 import time
 
 from gigassl_jax import cli, synthetic, train
-from gigassl_jax.machine import cpu_name
+from gigassl_jax.machine import cpu_name, write_result
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -131,11 +131,7 @@ def main(argv):
       "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
       "load_average_end": load,
     }
-    out = pathlib.Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp_out.write_text(json.dumps(rec, indent=2) + "\n")
-    os.replace(tmp_out, out)
+    write_result(a.out, rec)
   return 0
 
 

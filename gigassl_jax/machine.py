@@ -1,5 +1,8 @@
-"""What machine a benchmark ran on, for the tables it prints."""
+"""What machine a benchmark ran on, for the tables it prints; its result file, written atomically."""
 
+import json
+import os
+import pathlib
 import platform
 
 
@@ -13,3 +16,12 @@ def cpu_name() -> str:
   except OSError:
     pass
   return platform.processor() or "cpu"
+
+
+def write_result(path, record: dict) -> None:
+  """Writes a benchmark's result as JSON: to a temp name in the folder, then renamed."""
+  out = pathlib.Path(path)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+  tmp.write_text(json.dumps(record, indent=2) + "\n")
+  os.replace(tmp, out)
