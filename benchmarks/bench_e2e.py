@@ -1,16 +1,17 @@
 r"""End-to-end training rate vs the device-only step rate, at the same batch, in one run.
 
-    python benchmarks/bench_e2e.py [--batch=64] [--steps=40] [--warmup=5]
-        [--bank_shape=256,4,32,256] [--workers=-1] [--out=FILE.json]
+    python benchmarks/bench_e2e.py [--batch=64] [--steps=40] [--warmup=5] [--log_every=5]
+        [--bank_shape=256,4,32,256] [--workers=-1] [--paths=device,stream] [--out=FILE.json]
 
 1. e2e: `python -m gigassl_jax.train --flagfile=experiments/base.flags` on a
-   synthetic bank (made once in a temporary directory), --train_log_every=1, as
-   a child process, once per input path of --paths (`device`: the bank
-   resident on the devices, views gathered in the step; `stream`: records read
-   on the host; --data_resident); its metrics.jsonl gives each step's wall
-   time (the time between two steps' metrics, which includes waiting for the
-   input). The first `warmup` steps (compilation, the prefetch queue filling)
-   are excluded; the rate is views / total time of the remaining steps.
+   synthetic bank (made once in a temporary directory), as a child process,
+   once per input path of --paths (`device`: the bank resident on the
+   devices, views gathered in the step; `stream`: records read on the host;
+   --data_resident), a metrics record every `log_every` steps (writing a
+   record every step would time the logging too); each record's views/s
+   covers the wall time since the previous record, waiting for the input
+   included. The first `warmup` steps (compilation, the prefetch queue
+   filling) are excluded; the rate is views / total time of the rest.
 2. device: in this process, the same run's config (read from its config.json),
    the same jitted training step (train.make_train_step) on batches of the same
    bank already on the device, timed step by step with block_until_ready after
@@ -46,7 +47,9 @@ from gigassl_jax.machine import cpu_name, write_result
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def e2e_run(bank, workdir, batch: int, steps: int, workers: int, extra) -> list[dict]:
+def e2e_run(
+  bank, workdir, batch: int, steps: int, workers: int, log_every: int, extra
+) -> list[dict]:
   """Runs the training program to `steps`; returns its metrics records (one per step)."""
   cmd = [
     sys.executable,
@@ -57,7 +60,7 @@ def e2e_run(bank, workdir, batch: int, steps: int, workers: int, extra) -> list[
     f"--workdir={workdir}",
     f"--train_batch_size={batch}",
     f"--train_steps={steps}",
-    "--train_log_every=1",
+    f"--train_log_every={log_every}",
     f"--train_ckpt_every={steps + 1}",  # the final checkpoint only, after the timed steps
     f"--data_workers={workers}",
     "--notrain_progress",
@@ -70,17 +73,18 @@ def e2e_run(bank, workdir, batch: int, steps: int, workers: int, extra) -> list[
   return [json.loads(l) for l in lines]
 
 
-def e2e_rate(recs: list[dict], batch: int, warmup: int) -> tuple[float, int]:
-  """(views/s over the steps after `warmup`, steps timed) from per-step metrics.
+def e2e_rate(recs: list[dict], batch: int, warmup: int, log_every: int) -> tuple[float, int]:
+  """(views/s over the steps after `warmup`, steps timed) from the run's metrics.
 
-  Each record's views_per_s is 2 * batch / (its step's wall time), so the total
-  time is the sum of 2 * batch / views_per_s.
+  A record's views_per_s is 2 * batch * log_every / (the wall time of its
+  log_every steps), so the total time is the sum of 2 * batch * log_every /
+  views_per_s.
   """
   timed = [r["views_per_s"] for r in recs if r["step"] > warmup and r["views_per_s"]]
   if not timed:
     sys.exit(f"bench_e2e: no timed steps after --warmup={warmup}; raise --steps")
-  seconds = sum(2 * batch / v for v in timed)
-  return len(timed) * 2 * batch / seconds, len(timed)
+  n = len(timed) * log_every
+  return n * 2 * batch / sum(2 * batch * log_every / v for v in timed), n
 
 
 def device_rate(workdir, steps: int, warmup: int) -> tuple[float, float]:
@@ -121,7 +125,8 @@ class BenchE2EConfig:
 
   batch: int = cli.field(64, "Slides per step (2 views each).")
   steps: int = cli.field(40, "Timed steps (after the warm-up).")
-  warmup: int = cli.field(5, "Untimed first steps.")
+  warmup: int = cli.field(5, "Untimed first steps (a multiple of --log_every).")
+  log_every: int = cli.field(5, "Steps per metrics record of the e2e run (divides both).")
   bank_shape: tuple[int, int, int, int] = cli.field(
     (256, 4, 32, 256), "Synthetic bank: slides,naug,tiles,dim."
   )
@@ -144,6 +149,13 @@ def main(argv):
   if min(shape) < 1:
     print(f"bench_e2e: error: --bank_shape={a.bank_shape} must be 4 positive ints", file=sys.stderr)
     return 2
+  if a.log_every < 1 or a.warmup % a.log_every or a.steps % a.log_every:
+    print(
+      f"bench_e2e: error: --log_every={a.log_every} must divide --warmup={a.warmup} and "
+      f"--steps={a.steps}",
+      file=sys.stderr,
+    )
+    return 2
   bad = sorted(set(a.paths) - {"device", "stream"})
   if bad or not a.paths:
     print(
@@ -164,8 +176,8 @@ def main(argv):
       wd = pathlib.Path(tmp) / f"run_{path}"
       t0 = time.perf_counter()
       extra = [f"--data_resident={path}", *a.train_flag]
-      recs = e2e_run(bank, wd, a.batch, a.warmup + a.steps, a.workers, extra)
-      e2e[path] = (*e2e_rate(recs, a.batch, a.warmup), time.perf_counter() - t0)
+      recs = e2e_run(bank, wd, a.batch, a.warmup + a.steps, a.workers, a.log_every, extra)
+      e2e[path] = (*e2e_rate(recs, a.batch, a.warmup, a.log_every), time.perf_counter() - t0)
     dev, inp = device_rate(wd, a.steps, a.warmup)
 
   device = str(jax.devices()[0].device_kind)
@@ -203,6 +215,7 @@ def main(argv):
       "input_views_per_s": inp,
       "steps_timed": a.steps,
       "warmup": a.warmup,
+      "log_every": a.log_every,
       "bank_shape": shape,
       "command": " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
       "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),

@@ -16,7 +16,11 @@
 #   9. determinism: two identical training runs and a killed-and-resumed one,
 #      compared bit for bit (benchmarks/gpu_determinism_step.sh);
 #  10. e2e: the device-only step rate vs `python -m gigassl_jax.train` end to end
-#      at the same batch (benchmarks/bench_e2e.py).
+#      at the same batch, bank resident on the device and streamed
+#      (benchmarks/bench_e2e.py);
+#  11. embed: encoder-only vs end-to-end embedding, tiles/s and slides/hour at
+#      embed's defaults (benchmarks/bench_embed.py; the first call writes a
+#      synthetic 40k x 40k slide to /tmp, ~2 min of CPU, inside the limit).
 # Usage, from the repository root:  [GPU_STEPS="kernels train_cli"] benchmarks/gpu_checks.sh OUTDIR
 # GPU_STEPS picks steps (default: all); each step's log and JSON land in OUTDIR;
 # a failing step does not stop the rest.
@@ -33,7 +37,7 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 
 steps=${GPU_STEPS:-tests gemm kernels train_bench conformance_gather conformance_pallas_gpu \
-  conformance_pairs input train_cli igemm determinism e2e}
+  conformance_pairs input train_cli igemm determinism e2e embed}
 source "$(dirname "${BASH_SOURCE[0]}")/gpu_step.sh"  # step NAME SECONDS COMMAND...
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
@@ -89,3 +93,5 @@ step igemm "${GPU_IGEMM_S:-590}" benchmarks/gpu_igemm_step.sh "$out/igemm"
 step determinism "${GPU_DETERMINISM_S:-300}" benchmarks/gpu_determinism_step.sh "$out/determinism"
 step e2e "${GPU_E2E_S:-300}" python3 benchmarks/bench_e2e.py --batch=256 --steps=50 --warmup=5 \
   --bank_shape=2048,8,256,256 --out="$out/bench_e2e.json"
+step embed "${GPU_EMBED_S:-500}" python3 benchmarks/bench_embed.py \
+  --encoders=resnet18,efficientnet_lite0 --e2e_slides=2 --out="$out/bench_embed.json"
