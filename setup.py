@@ -33,6 +33,7 @@ setuptools.setup(
     "absl-py",
     "tensorflow-datasets",
     "array_record",
+    "grain",  # the streaming input's worker processes (sampling.GrainReader)
     "openslide-python",
     "openslide-bin",
     "tifffile",

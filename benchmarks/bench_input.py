@@ -1,14 +1,18 @@
-r"""Input pipeline throughput: views/s the host prepares, per number of reading workers.
+r"""Input pipeline throughput: views/s the host prepares, per reader and number of workers.
 
     python benchmarks/bench_input.py [--workers=0,2,auto] [--batch=256] [--tiles=5]
         [--bank=DIR | --synthetic=1024,8,256,256] [--repeats=7]
 
-Times `views.ViewSampler.local_batch` (slide shuffle, per-slide draws, record
-reads and tile gathers: everything the host does per step) on a packed bank,
-median of --repeats steps after one warm-up step, for each --workers value
-(0 = reading threads of this process; auto = sampling.auto_workers). The
-training step itself is not included: compare this with bench_train.py's
-device views/s to see which side bounds training.
+Times one step's local batch (slide shuffle, per-slide draws, record reads and
+tile gathers: everything the host does per step) on a packed bank, median of
+--repeats consecutive steps after one warm-up step (which starts the workers),
+for each --workers value: 0 = reading threads of this process
+(sampling.ThreadReader); > 0 (auto = sampling.auto_workers) = that many Grain
+worker processes, each reading whole steps ahead (sampling.GrainReader, what
+training uses), and the hand-written process pool that splits each step over
+its workers (sampling.ReaderPool, the previous reader). The training step is
+not included: compare this with bench_train.py's device views/s to see which
+side bounds training.
 """
 
 from __future__ import annotations
@@ -20,9 +24,8 @@ import tempfile
 import time
 
 from gigassl_jax import bank as bank_lib
-from gigassl_jax import cli
+from gigassl_jax import cli, sampling, synthetic
 from gigassl_jax import views as views_lib
-from gigassl_jax import sampling, synthetic
 from gigassl_jax.machine import cpu_name
 
 
@@ -56,29 +59,43 @@ def main(argv):
     rows = []
     for w in a.workers:
       n = sampling.auto_workers(-1 if w == "auto" else int(w))
-      s = views_lib.ViewSampler(reader, batch_size=a.batch, tiles=a.tiles, seed=0, workers=n)
-      try:
-        s.local_batch(0)  # starts the workers
-        times = []
-        for step in range(1, a.repeats + 1):
-          t = time.perf_counter()
-          s.local_batch(step)
-          times.append(time.perf_counter() - t)
-      finally:
-        s.close()
-      med = statistics.median(times)
-      rows.append((w, n, med))
-      print(f"# workers={w} ({n}): {1e3 * med:.1f} ms/step", flush=True)
-  base = rows[0][2]
+      for name, make_batch, close in _readers(reader, a, n):
+        try:
+          make_batch(0)  # starts the workers
+          times = []
+          for step in range(1, a.repeats + 1):
+            t = time.perf_counter()
+            make_batch(step)
+            times.append(time.perf_counter() - t)
+        finally:
+          close()
+        med = statistics.median(times)
+        rows.append((w, n, name, med))
+        print(f"# workers={w} ({n}) {name}: {1e3 * med:.1f} ms/step", flush=True)
+  base = rows[0][3]
   print(
     f"host: {cpu_name()}, {os.cpu_count()} cpus; bank {bank_dir}: {len(reader)} slides x "
     f"{reader.n_aug} augs x {reader.n_tiles} tiles x {reader.feature_dim}; batch "
     f"{a.batch} slides x 2 views x T = {a.tiles}; median of {a.repeats} steps"
   )
-  print("| --data_workers | processes | ms/step | views/s | vs first row |")
-  print("|---|---:|---:|---:|---:|")
-  for w, n, med in rows:
-    print(f"| {w} | {n} | {1e3 * med:.1f} | {2 * a.batch / med:.0f} | {base / med:.2f}x |")
+  print("| --data_workers | processes | reader | ms/step | views/s | vs first row |")
+  print("|---|---:|---|---:|---:|---:|")
+  for w, n, name, med in rows:
+    print(f"| {w} | {n} | {name} | {1e3 * med:.1f} | {2 * a.batch / med:.0f} | {base / med:.2f}x |")
+
+
+def _readers(reader, a, n):
+  """(name, step -> local batch, close) of each reader for n workers."""
+  s = views_lib.ViewSampler(reader, batch_size=a.batch, tiles=a.tiles, seed=0, workers=n)
+  yield ("threads" if n == 0 else "grain"), s.local_batch, s.close
+  if n > 0:
+    pool = sampling.ReaderPool(reader.path, n)
+    read = lambda seed, step, pos, slides: pool.read(seed, step, pos, slides, a.tiles)
+    yield (
+      "pool",
+      lambda step: sampling.local_batch(read, 0, step, a.batch, len(reader), 0, a.batch),
+      pool.close,
+    )
 
 
 if __name__ == "__main__":

@@ -31,10 +31,10 @@ from gigassl_jax.sparse import coord_augment, maps
 class ViewSampler:
   """Draws the 2 views of every slide of a step's global batch.
 
-  Reading uses `workers` processes (sampling.ReaderPool; the same views as
-  threads, faster on many-core hosts) or, with workers=0, `read_threads`
-  threads of this process; with stream=False (a bank resident on the devices)
-  it reads nothing and only draws (`slides`, `draws`).
+  Reading uses `workers` Grain worker processes (sampling.GrainReader; the
+  same views as threads, faster on many-core hosts) or, with workers=0,
+  `read_threads` threads of this process; with stream=False (a bank resident
+  on the devices) it reads nothing and only draws (`slides`, `draws`).
 
   Attributes:
     steps_per_epoch: len(bank) // batch_size (the last partial batch of an
@@ -70,19 +70,26 @@ class ViewSampler:
     self.steps_per_epoch = n // batch_size
     self.local_size = batch_size // process_count
     self.local_start = process_index * self.local_size
-    self._views = None  # stream=False: the bank is on the devices (resident.py), no reading
-    if stream:
-      self._views = (
-        sampling.ReaderPool(reader.path, workers)
-        if workers > 0
-        else sampling.ThreadReader(reader, read_threads)
+    self._threads = self._grain = None  # stream=False: the bank is on the devices (resident.py)
+    if stream and workers > 0:
+      self._grain = sampling.GrainReader(
+        sampling.StepBatch(
+          reader.path,
+          seed=seed,
+          batch_size=batch_size,
+          n_slides=n,
+          tiles=tiles,
+          start=self.local_start,
+          size=self.local_size,
+        ),
+        workers,
       )
+    elif stream:
+      self._threads = sampling.ThreadReader(reader, read_threads)
 
   def slides(self, step: int) -> np.ndarray:
     """int64 [B]: slide indices of the global batch of `step`."""
-    epoch, i = divmod(step, self.steps_per_epoch)
-    perm = sampling.slide_order(self.seed, epoch, len(self.reader))
-    return perm[i * self.batch_size : (i + 1) * self.batch_size]
+    return sampling.step_slides(self.seed, step, self.batch_size, len(self.reader))
 
   def draws(self, step: int, position: int):
     """(aug [2], tiles [2, T]) of the slide at `position` in the global batch."""
@@ -91,26 +98,23 @@ class ViewSampler:
     )
 
   def local_batch(self, step: int) -> dict:
-    """This process's share of the views of `step`.
-
-    Returns:
-      dict with feats float16 [b, 2, T, F], xy int32 [b, 2, T, 2] (level-0
-      positions), position int32 [b] (place in the global batch, which keys
-      the on-device augmentation), slide int32 [b].
-    """
-    slides = self.slides(step)
-    pos = np.arange(self.local_start, self.local_start + self.local_size)
-    feats, xy = self._views.read(self.seed, step, pos, slides[pos], self.tiles)
-    return {
-      "feats": feats,
-      "xy": xy,
-      "position": pos.astype(np.int32),
-      "slide": slides[pos].astype(np.int32),
-    }
+    """This process's share of the views of `step` (sampling.local_batch)."""
+    if self._grain is not None:
+      return self._grain.batch(step)
+    return sampling.local_batch(
+      lambda seed, step, pos, slides: self._threads.read(seed, step, pos, slides, self.tiles),
+      self.seed,
+      step,
+      self.batch_size,
+      len(self.reader),
+      self.local_start,
+      self.local_size,
+    )
 
   def close(self):
-    if self._views is not None:
-      self._views.close()
+    for r in (self._threads, self._grain):
+      if r is not None:
+        r.close()
 
 
 class Prefetcher:
