@@ -8,11 +8,12 @@ tile gathers: everything the host does per step) on a packed bank, median of
 --repeats consecutive steps after one warm-up step (which starts the workers),
 for each --workers value: 0 = reading threads of this process
 (sampling.ThreadReader); > 0 (auto = sampling.auto_workers) = that many Grain
-worker processes, each reading whole steps ahead (sampling.GrainReader, what
-training uses), and the hand-written process pool that splits each step over
-its workers (sampling.ReaderPool, the previous reader). The training step is
-not included: compare this with bench_train.py's device views/s to see which
-side bounds training.
+worker processes, each reading whole steps ahead (sampling.GrainReader). The
+hand-written process pool Grain replaced (each step split over its workers) was
+timed by this script at commit dc0bf19, before its removal
+(experiments/results/scale/bench_input_grain_cpu.log). The training step is not
+included: compare this with bench_train.py's device views/s to see which side
+bounds training.
 """
 
 from __future__ import annotations
@@ -59,19 +60,20 @@ def main(argv):
     rows = []
     for w in a.workers:
       n = sampling.auto_workers(-1 if w == "auto" else int(w))
-      for name, make_batch, close in _readers(reader, a, n):
-        try:
-          make_batch(0)  # starts the workers
-          times = []
-          for step in range(1, a.repeats + 1):
-            t = time.perf_counter()
-            make_batch(step)
-            times.append(time.perf_counter() - t)
-        finally:
-          close()
-        med = statistics.median(times)
-        rows.append((w, n, name, med))
-        print(f"# workers={w} ({n}) {name}: {1e3 * med:.1f} ms/step", flush=True)
+      s = views_lib.ViewSampler(reader, batch_size=a.batch, tiles=a.tiles, seed=0, workers=n)
+      name = "threads" if n == 0 else "grain"
+      try:
+        s.local_batch(0)  # starts the workers
+        times = []
+        for step in range(1, a.repeats + 1):
+          t = time.perf_counter()
+          s.local_batch(step)
+          times.append(time.perf_counter() - t)
+      finally:
+        s.close()
+      med = statistics.median(times)
+      rows.append((w, n, name, med))
+      print(f"# workers={w} ({n}) {name}: {1e3 * med:.1f} ms/step", flush=True)
   base = rows[0][3]
   print(
     f"host: {cpu_name()}, {os.cpu_count()} cpus; bank {bank_dir}: {len(reader)} slides x "
@@ -82,20 +84,6 @@ def main(argv):
   print("|---|---:|---|---:|---:|---:|")
   for w, n, name, med in rows:
     print(f"| {w} | {n} | {name} | {1e3 * med:.1f} | {2 * a.batch / med:.0f} | {base / med:.2f}x |")
-
-
-def _readers(reader, a, n):
-  """(name, step -> local batch, close) of each reader for n workers."""
-  s = views_lib.ViewSampler(reader, batch_size=a.batch, tiles=a.tiles, seed=0, workers=n)
-  yield ("threads" if n == 0 else "grain"), s.local_batch, s.close
-  if n > 0:
-    pool = sampling.ReaderPool(reader.path, n)
-    read = lambda seed, step, pos, slides: pool.read(seed, step, pos, slides, a.tiles)
-    yield (
-      "pool",
-      lambda step: sampling.local_batch(read, 0, step, a.batch, len(reader), 0, a.batch),
-      pool.close,
-    )
 
 
 if __name__ == "__main__":

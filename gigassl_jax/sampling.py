@@ -1,4 +1,4 @@
-"""Host-side view sampling (docs/method.md section 3), free of JAX so worker processes stay light.
+"""Host-side view sampling (docs/method.md section 3): numpy only, besides Grain's workers.
 
 Every random draw is a pure function of (seed, step, position in the global
 batch): which slides a step holds (an epoch-wise shuffle of the bank), and per
@@ -6,14 +6,14 @@ slide and view an augmentation index k and T tile indices drawn with
 replacement. `read_views` turns the draws into tile embeddings and positions;
 `ThreadReader` runs it in threads of this process, and `GrainReader` in Grain
 worker processes (one step's batch per element, shared memory back), each with
-its own bank reader.
+its own bank reader. Grain imports JAX, so it is imported only when workers
+are asked for.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import functools
-import multiprocessing
 import os
 import pathlib
 
@@ -200,60 +200,6 @@ def _grain_flags_at_defaults():
   name = "grain_enable_multiprocess_worker_profiling"
   if not flags.FLAGS.is_parsed() and name in flags.FLAGS and not flags.FLAGS[name].present:
     flags.FLAGS[name].parse(flags.FLAGS[name].default)
-
-
-_WORKER_READER = None
-
-
-def _worker_open(packed_dir: str) -> None:
-  global _WORKER_READER
-  _WORKER_READER = bank_lib.BankReader(pathlib.Path(packed_dir))
-
-
-def _worker_read(seed, step, positions, slides, tiles):
-  return read_views(_WORKER_READER, seed, step, positions, slides, tiles)
-
-
-class ReaderPool:
-  """`read_views` split over worker processes, each with its own bank reader.
-
-  Decoding a record is Python work under the GIL (TFDS's example parsing is
-  about two thirds of a ~130 us read on the dev CPU), so reading threads do not
-  scale with cores; processes do. Workers come from a fork server (or are
-  spawned): forking the training process, whose JAX runtime already runs
-  threads, is unsafe. Each opens the bank once and draws its own views, so the
-  training process only splits the batch and joins the parts.
-  """
-
-  def __init__(self, packed_dir: str | os.PathLike, workers: int):
-    if workers < 1:
-      raise ValueError(f"a reader pool needs >= 1 worker, got {workers}")
-    self.workers = workers
-    methods = multiprocessing.get_all_start_methods()
-    self._pool = concurrent.futures.ProcessPoolExecutor(
-      workers,
-      mp_context=multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn"),
-      initializer=_worker_open,
-      initargs=(str(packed_dir),),
-    )
-
-  def read(self, seed: int, step: int, positions, slides, tiles: int):
-    """Same result as read_views(reader, seed, step, positions, slides, tiles)."""
-    try:
-      return _split_read(
-        self._pool, _worker_read, self.workers, seed, step, positions, slides, tiles
-      )
-    except concurrent.futures.process.BrokenProcessPool as e:
-      raise RuntimeError(
-        "a bank-reading worker process died: out of memory, or a script that starts "
-        "workers outside `if __name__ == '__main__':` (spawned workers import the main "
-        "module). Rerun with fewer --data_workers, or 0 for reading threads"
-      ) from e
-
-  def close(self):
-    # Waits for the workers to exit: one still starting would otherwise open
-    # the bank after the caller may have removed it.
-    self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class ThreadReader:
