@@ -12,6 +12,7 @@ bitwise run comparison on a GPU.
 import collections
 import json
 import pathlib
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +56,37 @@ def _metrics(workdir):
   lines = (pathlib.Path(workdir) / train.METRICS).read_text().splitlines()
   # views_per_s is a wall-clock rate: the only field allowed to differ.
   return [{k: v for k, v in json.loads(l).items() if k != "views_per_s"} for l in lines]
+
+
+def _assert_same_runs(wd_a, wd_b, seed):
+  """Two finished runs: bitwise equal parameters and BN statistics, equal metrics."""
+  a, b = _final_state(wd_a), _final_state(wd_b)
+  assert a.keys() == b.keys(), f"seed={seed}"
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=f"seed={seed} {wd_b}: {k}")
+  ma, mb = _metrics(wd_a), _metrics(wd_b)
+  assert len(ma) == STEPS and ma == mb, f"seed={seed}: {ma} vs {mb}"
+
+
+def _assert_resume_is_exact(ref_wd, cfg, seed):
+  """Reruns the finished run `cfg` (checkpointed every step) from its step STEPS - 1.
+
+  Its last checkpoint is forgotten, so the run resumes one step before the
+  end; it must end bitwise where the reference run `ref_wd` ended. A marker in
+  step 1's record shows it did resume (a resumed run keeps the records up to
+  its checkpoint; a run that started over would rewrite them).
+  """
+  wd = pathlib.Path(cfg.workdir)
+  shutil.rmtree(wd / ckpt_lib.CKPT_DIR / str(STEPS))
+  metrics = wd / train.METRICS
+  lines = metrics.read_text().splitlines()
+  marked = lines[0].replace('"step": 1,', '"step": 1, "marker": 1,')
+  metrics.write_text("\n".join([marked] + lines[1:]) + "\n")
+  train.run(cfg)
+  first = json.loads(metrics.read_text().splitlines()[0])
+  assert first.get("marker") == 1, f"seed={seed}: the run did not resume: {first}"
+  metrics.write_text("\n".join([lines[0]] + metrics.read_text().splitlines()[1:]) + "\n")
+  _assert_same_runs(ref_wd, wd, seed)
 
 
 @pytest.mark.parametrize("seed", [5])

@@ -9,17 +9,15 @@ by threads, bitwise, resume included.
 
 import multiprocessing
 import os
-import shutil
 import signal
 
 import numpy as np
 import pytest
 
 from gigassl_jax import bank as bank_lib
-from gigassl_jax import checkpoint as ckpt_lib
 from gigassl_jax import sampling, synthetic, train
 from gigassl_jax import views as views_lib
-from test_determinism import _cfg, _final_state, _metrics
+from test_determinism import _assert_resume_is_exact, _assert_same_runs, _cfg
 
 SHAPE = (13, 3, 12, 32)  # bank: slides, augmentations, tiles, feature dim
 TILES = 5
@@ -95,28 +93,9 @@ def test_grain_run_equals_thread_run_bitwise_and_resumes_exactly(tmp_path, seed)
   grain = _cfg(bank, tmp_path / "grain", seed, data_resident="stream", data_workers=2)
   grain = grain.replace(train_ckpt_every=1)
   train.run(grain)
-  a, b = _final_state(tmp_path / "threads"), _final_state(tmp_path / "grain")
-  assert a.keys() == b.keys(), f"seed={seed}"
-  for k in a:
-    np.testing.assert_array_equal(a[k], b[k], err_msg=f"seed={seed} {k}")
-  ma, mb = _metrics(tmp_path / "threads"), _metrics(tmp_path / "grain")
-  assert len(ma) == 3 and ma == mb, f"seed={seed}: {ma} vs {mb}"
-  # Forget the last checkpoint: the run resumes at step 2, its Grain dataset
-  # starting there. A marker in step 1's record shows it resumed (a run that
-  # started over would rewrite the record).
-  shutil.rmtree(tmp_path / "grain" / ckpt_lib.CKPT_DIR / "3")
-  metrics = tmp_path / "grain" / train.METRICS
-  lines = metrics.read_text().splitlines()
-  metrics.write_text(
-    "\n".join([lines[0].replace('"step": 1,', '"step": 1, "marker": 1,')] + lines[1:]) + "\n"
-  )
-  train.run(grain)
-  mc = _metrics(tmp_path / "grain")
-  assert mc[0].pop("marker", None) == 1, f"seed={seed}: the run did not resume: {mc[0]}"
-  assert mc == ma, f"seed={seed}: {mc} vs {ma}"
-  c = _final_state(tmp_path / "grain")
-  for k in a:
-    np.testing.assert_array_equal(a[k], c[k], err_msg=f"seed={seed} resumed {k}")
+  _assert_same_runs(tmp_path / "threads", tmp_path / "grain", seed)
+  # Resumed one step before the end: its Grain dataset starts there.
+  _assert_resume_is_exact(tmp_path / "threads", grain, seed)
 
 
 @pytest.mark.parametrize("seed", [5])

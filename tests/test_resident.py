@@ -4,18 +4,15 @@ The test process has 8 CPU devices (conftest.py), so the bank is sharded over
 8 devices here, with padding when the slides do not divide.
 """
 
-import shutil
-
 import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from gigassl_jax import bank as bank_lib
-from gigassl_jax import checkpoint as ckpt_lib
 from gigassl_jax import resident, synthetic, train
 from gigassl_jax import views as views_lib
-from test_determinism import _cfg, _final_state, _metrics
+from test_determinism import _assert_resume_is_exact, _assert_same_runs, _cfg
 
 SHAPE = (13, 3, 12, 32)  # 13 slides: padded to 16 on 8 devices
 
@@ -62,28 +59,9 @@ def test_resident_and_streaming_runs_are_bitwise_equal_and_resume_exactly(tmp_pa
   stream = _cfg(bank, tmp_path / "stream", seed, data_resident="stream")
   stream = stream.replace(train_ckpt_every=1)
   train.run(stream)
-  a, b = _final_state(tmp_path / "device"), _final_state(tmp_path / "stream")
-  assert a.keys() == b.keys(), f"seed={seed}"
-  for k in a:
-    np.testing.assert_array_equal(a[k], b[k], err_msg=f"seed={seed} {k}")
-  ma, mb = _metrics(tmp_path / "device"), _metrics(tmp_path / "stream")
-  assert len(ma) == 3 and ma == mb, f"seed={seed}: {ma} vs {mb}"
-  # Forget the last step's checkpoint: the run resumes from step 2, resident now.
-  # A marker in step 1's record: a resumed run keeps the records up to its
-  # checkpoint, a run that started over would rewrite it.
-  shutil.rmtree(tmp_path / "stream" / ckpt_lib.CKPT_DIR / "3")
-  metrics = tmp_path / "stream" / train.METRICS
-  lines = metrics.read_text().splitlines()
-  metrics.write_text(
-    "\n".join([lines[0].replace('"step": 1,', '"step": 1, "marker": 1,')] + lines[1:]) + "\n"
-  )
-  train.run(stream.replace(data_resident="device"))
-  mc = _metrics(tmp_path / "stream")
-  assert mc[0].pop("marker", None) == 1, f"seed={seed}: the run did not resume: {mc[0]}"
-  assert mc == ma, f"seed={seed}: {mc} vs {ma}"
-  c = _final_state(tmp_path / "stream")
-  for k in a:
-    np.testing.assert_array_equal(a[k], c[k], err_msg=f"seed={seed} resumed {k}")
+  _assert_same_runs(tmp_path / "device", tmp_path / "stream", seed)
+  # Resumed one step before the end, resident now.
+  _assert_resume_is_exact(tmp_path / "device", stream.replace(data_resident="device"), seed)
 
 
 def test_decide_follows_the_flag_and_the_budget(tmp_path):
