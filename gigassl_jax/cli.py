@@ -269,23 +269,42 @@ def supervise(
   return rc
 
 
+# Interrupts that Python dropped in a finalizer and no check_interrupt() raised yet.
+_SWALLOWED: list[int] = []
+
+
+def check_interrupt() -> None:
+  """Raises KeyboardInterrupt if a Ctrl-C was swallowed by a finalizer since the last call.
+
+  Long loops call it at every item boundary (a slide, a step), so such a
+  Ctrl-C stops the work there instead of being lost.
+  """
+  if _SWALLOWED:
+    _SWALLOWED.clear()
+    raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
 def _interrupt_recorded():
   """Records every SIGINT (raised as KeyboardInterrupt as usual) and yields `was_interrupted()`.
 
   Python cannot raise into a finalizer: a KeyboardInterrupt that lands in a
   weakref or GC callback is printed as "Exception ignored" and dropped. Inside
-  this context such a dropped interrupt is silent and remembered instead.
+  this context such a dropped interrupt is silent and remembered instead: the
+  next `check_interrupt()` raises it, and `was_interrupted()` stays true.
   Outside the main thread (no signal handlers there) it records nothing.
   """
   seen = []
+  _SWALLOWED.clear()
 
   def on_sigint(signum, frame):
     seen.append(signum)
     raise KeyboardInterrupt
 
   def on_unraisable(u):
-    if not (seen and isinstance(u.exc_value, KeyboardInterrupt)):
+    if seen and isinstance(u.exc_value, KeyboardInterrupt):
+      _SWALLOWED.append(1)
+    else:
       old_hook(u)
 
   try:
@@ -300,6 +319,7 @@ def _interrupt_recorded():
   finally:
     signal.signal(signal.SIGINT, old_handler)
     sys.unraisablehook = old_hook
+    _SWALLOWED.clear()
 
 
 def run(

@@ -283,6 +283,7 @@ def run(cfg: EmbedConfig) -> dict:
     )
     with stream:
       for item in stream:
+        cli.check_interrupt()
         path = item.path
         sid = slide_id(path)
         progress.set_postfix_str(sid[-30:])

@@ -186,6 +186,7 @@ def encode_ensemble(
   n = len(reader)
   out = np.zeros((n, pool.features), np.float32)
   for start in range(0, n, batch_slides):
+    cli.check_interrupt()
     idx = list(range(start, min(n, start + batch_slides)))
     xs, fs, vs = [], [], []
     for s in idx + [idx[-1]] * (batch_slides - len(idx)):

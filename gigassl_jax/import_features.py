@@ -341,6 +341,7 @@ def run(cfg) -> int:
   t0 = time.time()
   # Ctrl-C: cli.supervise says what finished (resume_hint); finished slides are kept.
   for sid in todo:
+    cli.check_interrupt()
     try:
       import_slide(bank, sid, sources[sid], cfg, pca, encoder)
     except BadFile as e:

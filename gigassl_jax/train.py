@@ -536,6 +536,7 @@ def run(cfg: config_lib.Config) -> dict:
   pending = None
   try:
     for step in range(start, total):
+      cli.check_interrupt()
       batch = prefetch.get(step)
       state, m = train_step(state, batch)
       if pending is not None:

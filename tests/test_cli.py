@@ -138,10 +138,16 @@ def test_ctrl_c_swallowed_by_a_finalizer_still_counts_as_an_interrupt(capsys):
     ref = weakref.ref(thing, callback)
     del thing  # the callback runs now (CPython refcounting)
     assert ref() is None
+    for item in range(3):  # a long loop checks at every item: the dropped Ctrl-C stops it
+      cli.check_interrupt()
+      done.append(item)
     return 0
 
+  done = []
   before = signal.getsignal(signal.SIGINT)  # SIG_IGN in a pytest-xdist worker
   assert cli.supervise("prog", main) == 130
+  assert done == [], f"the loop went on after the interrupt: {done}"
+  cli.check_interrupt()  # nothing left pending after supervise
   err = capsys.readouterr().err
   assert "Exception ignored" not in err and "Traceback" not in err, err
   assert err.strip().startswith("prog: interrupted after 0 s; "), err
