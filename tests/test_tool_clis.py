@@ -24,6 +24,7 @@ TOOLS = [
   (["-m", "gigassl_jax.cohort"], "--identity_of"),
   (["-m", "gigassl_jax.kernels.sparse_conv.bench"], "--spconv_device"),
   (["benchmarks/bench_igemm.py"], "--[no]tune"),
+  (["benchmarks/bench_embed_ab.py"], "--baseline"),
   (["benchmarks/bench_import_features.py"], "--train_steps"),
   (["benchmarks/bench_own_slides.py"], "--n_views"),
   (["experiments/diagnose_learning.py"], "--batches"),
@@ -50,8 +51,10 @@ def test_help_exits_0_and_lists_the_flags(cmd, flag):
     (["-m", "gigassl_jax.splits"], "--leaks"),
     (["-m", "gigassl_jax.released", "--out=x.pth"], "--workdir"),
     (["-m", "gigassl_jax.cohort"], "--out"),
+    (["benchmarks/bench_embed_ab.py"], "--baseline"),
+    (["benchmarks/bench_embed_ab.py", "--baseline=tests"], "--baseline=tests"),
   ],
-  ids=["conformance", "splits", "released", "cohort"],
+  ids=["conformance", "splits", "released", "cohort", "embed_ab", "embed_ab_not_a_checkout"],
 )
 def test_missing_input_is_one_line_and_exit_2(cmd, needle):
   p = _run(*cmd)
