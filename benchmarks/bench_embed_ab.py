@@ -38,7 +38,7 @@ from gigassl_jax.machine import cpu_name, write_result
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_embed import _slide  # the synthetic slide, written once
+from bench_embed import _load, _slide  # load average; the synthetic slide, written once
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,10 +96,6 @@ def _run_embed(checkout: pathlib.Path, slides_dir, bank, encoder, args) -> float
     )
     raise SystemExit(1)
   return wall
-
-
-def _load() -> str:
-  return ", ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def main(argv):
